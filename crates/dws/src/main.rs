@@ -1,1 +1,64 @@
-fn main() {}
+//! `dws`: the command-line program. Each subcommand lives in `commands/`; libraries hold
+//! the work (envs, data, assets), this crate parses arguments, reports progress and
+//! writes results.
+
+mod commands;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+/// dws: Dynamic World Simulation — collect data from games and robots, turn video models
+/// into action-conditioned world simulators, evaluate them, play them, train agents in them.
+///
+/// Start with `dws quickstart`. Third-party files (Procgen's library, metric weights) are
+/// fetched with pip on first use into $DWS_CACHE_DIR (default ~/.cache/dws).
+#[derive(Parser)]
+#[command(name = "dws", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the main job end to end on small defaults and say what it made.
+    Quickstart(commands::quickstart::Args),
+    /// Collect episodes from an environment into a dataset directory.
+    Collect(commands::collect::Args),
+    /// Inspect, preview and export episode datasets.
+    #[command(subcommand)]
+    Dataset(commands::dataset::Command),
+    /// List the environments and their actions.
+    Envs(commands::envs::Args),
+    /// Fetch and list third-party files (pinned, verified).
+    #[command(subcommand)]
+    Assets(commands::assets::Command),
+    /// Throughput benchmarks, printed as JSON lines.
+    #[command(subcommand)]
+    Bench(commands::bench::Command),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DWS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .without_time()
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Quickstart(a) => commands::quickstart::run(a),
+        Command::Collect(a) => commands::collect::run(a).map(|_| ()),
+        Command::Dataset(c) => commands::dataset::run(c),
+        Command::Envs(a) => commands::envs::run(a),
+        Command::Assets(c) => commands::assets::run(c),
+        Command::Bench(c) => commands::bench::run(c),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

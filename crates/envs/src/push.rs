@@ -14,9 +14,9 @@ use rand_chacha::ChaCha8Rng;
 use rapier2d::prelude::*;
 use std::any::Any;
 
-const EE_RADIUS: f32 = 0.07;
+const EE_RADIUS: f32 = 0.09;
 const ARM_BASE: [f32; 2] = [0.0, -1.25];
-const ARM_HALF_WIDTH: f32 = 0.035;
+const ARM_HALF_WIDTH: f32 = 0.05;
 const OBJECT_DAMPING: f32 = 6.0;
 const TABLE: f32 = 1.0;
 /// The end-effector stays this far inside the table edge.
@@ -163,7 +163,7 @@ impl PushEnv {
         let mut colours: Vec<usize> = (0..PALETTE.len()).collect();
         let mut objects = Vec::with_capacity(n);
         for _ in 0..n {
-            let size = rng.gen_range(0.11..0.17f32);
+            let size = rng.gen_range(0.13..0.2f32);
             let shape = match rng.gen_range(0..4) {
                 0 => Shape::Circle(size),
                 1 => {

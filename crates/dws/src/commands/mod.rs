@@ -1,0 +1,6 @@
+pub mod assets;
+pub mod bench;
+pub mod collect;
+pub mod dataset;
+pub mod envs;
+pub mod quickstart;
