@@ -221,6 +221,10 @@ impl DatasetWriter {
     /// files, episode files the manifest does not list) are removed.
     pub fn create_or_append(dir: impl AsRef<Path>, header: DatasetHeader) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
+        // Compare and store the header as it reads back from JSON (floats in the env
+        // config would otherwise differ in their last digits from the stored copy).
+        let text = serde_json::to_string(&header).expect("header serialises");
+        let header: DatasetHeader = serde_json::from_str(&text).expect("header round-trips");
         fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         let manifest = if dir.join(MANIFEST).exists() {
             let m = Manifest::read(&dir)?;
@@ -307,13 +311,15 @@ impl DatasetWriter {
         }
         let index = self.next_index();
         let file = episode_file(index);
-        let mut meta = HashMap::new();
-        meta.insert("format".to_string(), FORMAT.to_string());
-        meta.insert("env_id".to_string(), h.env_id.clone());
-        meta.insert("episode".to_string(), index.to_string());
-        if let Some(s) = seed {
-            meta.insert("seed".to_string(), s.to_string());
-        }
+        // One metadata key holding sorted JSON: a map with several keys would be written
+        // in hash order, and the same episode must always give the same bytes.
+        let about = serde_json::json!({
+            "format": FORMAT,
+            "env_id": h.env_id,
+            "episode": index,
+            "seed": seed,
+        });
+        let meta = HashMap::from([("dws".to_string(), about.to_string())]);
         let bytes = episode.to_safetensors(meta)?;
         write_atomic(&self.dir, &file, &bytes)?;
         self.manifest.episodes.push(EpisodeEntry {

@@ -133,7 +133,7 @@ impl Episode {
     pub fn validate(&self) -> Result<()> {
         let t = self.steps();
         let bad = |m: String| Err(DataError::BadEpisode(m));
-        if self.frame_len() == 0 || self.frames.len() % self.frame_len() != 0 {
+        if self.frame_len() == 0 || !self.frames.len().is_multiple_of(self.frame_len()) {
             return bad(format!(
                 "frames hold {} bytes, not whole frames",
                 self.frames.len()
@@ -149,7 +149,7 @@ impl Episode {
             return bad("actions, rewards and flags differ in length".into());
         }
         if let Actions::Continuous { dim, data } = &self.actions {
-            if *dim == 0 || data.len() % dim != 0 {
+            if *dim == 0 || !data.len().is_multiple_of(*dim) {
                 return bad("continuous actions are not whole rows".into());
             }
         }

@@ -200,7 +200,7 @@ struct Instance {
     rew: Box<f32>,
     first: Box<u8>,
     /// One buffer per info key (scalars of at most 4 bytes in procgen).
-    info: Vec<Box<[u8; 4]>>,
+    info: Vec<[u8; 4]>,
     info_names: Vec<String>,
     action: Box<i32>,
     // Pointer arrays handed to libenv_set_buffers; must outlive the handle.
@@ -354,7 +354,7 @@ impl Instance {
             obs: Box::new([0; OBS_BYTES]),
             rew: Box::new(0.0),
             first: Box::new(0),
-            info: info_space.iter().map(|_| Box::new([0u8; 4])).collect(),
+            info: vec![[0u8; 4]; info_space.len()],
             info_names: info_space.iter().map(|t| name_of(&t.name)).collect(),
             action: Box::new(0),
             _ob_ptrs: Box::new([std::ptr::null_mut()]),
@@ -386,7 +386,7 @@ impl Instance {
 
     fn info_i32(&self, name: &str) -> Option<i32> {
         let i = self.info_names.iter().position(|n| n == name)?;
-        Some(i32::from_ne_bytes(*self.info[i]))
+        Some(i32::from_ne_bytes(self.info[i]))
     }
 }
 

@@ -238,8 +238,10 @@ impl PushEnv {
             }
         }
         self.goal = goal;
-        let mut params = IntegrationParameters::default();
-        params.dt = self.config.dt / self.config.substeps as f32;
+        let params = IntegrationParameters {
+            dt: self.config.dt / self.config.substeps as f32,
+            ..Default::default()
+        };
         self.world = Some(World {
             pipeline: PhysicsPipeline::new(),
             params,
@@ -268,8 +270,8 @@ impl PushEnv {
             for x in 0..FRAME {
                 let grain = ((y as f32 * 0.9 + (x as f32 * 0.21).sin() * 2.0).sin() * 5.0) as i32;
                 let i = (y * FRAME + x) * 3;
-                for c in 0..3 {
-                    self.background[i + c] = (base[c] as i32 + grain).clamp(0, 255) as u8;
+                for (px, b) in self.background[i..i + 3].iter_mut().zip(base) {
+                    *px = (b as i32 + grain).clamp(0, 255) as u8;
                 }
             }
         }

@@ -70,8 +70,8 @@ impl VecEnv for SyncVecEnv {
 
     fn step(&mut self, actions: &[Action]) -> Result<&[Step]> {
         assert_eq!(actions.len(), self.envs.len(), "one action per env");
-        for i in 0..self.envs.len() {
-            let step = self.envs[i].step(&actions[i])?;
+        for (i, action) in actions.iter().enumerate() {
+            let step = self.envs[i].step(action)?;
             if step.done() {
                 self.envs[i].reset(None)?;
             }

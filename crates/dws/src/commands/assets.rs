@@ -35,8 +35,14 @@ pub fn run(cmd: Command) -> Result<()> {
             }
         }
         Command::List => {
-            println!("cache: {}  (set DWS_CACHE_DIR to move it)", cache_dir().display());
-            println!("{:<9} {:<28} {:<9} {:<14} purpose", "name", "package", "license", "state");
+            println!(
+                "cache: {}  (set DWS_CACHE_DIR to move it)",
+                cache_dir().display()
+            );
+            println!(
+                "{:<9} {:<28} {:<9} {:<14} purpose",
+                "name", "package", "license", "state"
+            );
             for spec in ASSETS {
                 let st = match state(spec) {
                     CacheState::Missing => "not fetched".to_string(),

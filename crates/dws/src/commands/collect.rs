@@ -191,7 +191,15 @@ pub fn run(args: Args) -> Result<Summary> {
                         return Ok(());
                     };
                     let info = env.episode_info();
-                    if tx.send(Ok(Finished { index, seed, episode, info })).is_err() {
+                    if tx
+                        .send(Ok(Finished {
+                            index,
+                            seed,
+                            episode,
+                            info,
+                        }))
+                        .is_err()
+                    {
                         return Ok(());
                     }
                 }
@@ -245,7 +253,11 @@ pub fn run(args: Args) -> Result<Summary> {
             "{:.0} env steps/s",
             live_steps.load(Ordering::Relaxed) as f64 / secs
         ));
-        bar.set_position(if args.episodes.is_some() { added as u64 } else { added_steps });
+        bar.set_position(if args.episodes.is_some() {
+            added as u64
+        } else {
+            added_steps
+        });
     }
     stop.store(true, Ordering::SeqCst);
     drop(rx);

@@ -106,7 +106,10 @@ pub fn info(dir: &Path, check: bool) -> Result<()> {
         let (lo, hi) = returns
             .iter()
             .fold((f32::MAX, f32::MIN), |(a, b), r| (a.min(*r), b.max(*r)));
-        println!("return    mean {:.3}, min {lo:.3}, max {hi:.3}", mean(&returns));
+        println!(
+            "return    mean {:.3}, min {lo:.3}, max {hi:.3}",
+            mean(&returns)
+        );
     }
     println!("size      {:.1} MB", bytes as f64 / 1e6);
     if h.imagined {

@@ -77,7 +77,11 @@ fn existing_episodes(dir: &Path) -> usize {
 
 pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
-    println!("dws quickstart ({:?} preset) → {}", args.preset, args.out.display());
+    println!(
+        "dws quickstart ({:?} preset) → {}",
+        args.preset,
+        args.out.display()
+    );
     println!("[1/2] collecting a small dataset from each environment family");
     let mut dirs = Vec::new();
     for job in jobs(args.preset) {
@@ -123,7 +127,10 @@ pub fn run(args: Args) -> Result<()> {
             dir.display()
         );
     }
-    println!("  preview grid (3 episodes per env, one row each): {}", grid.display());
+    println!(
+        "  preview grid (3 episodes per env, one row each): {}",
+        grid.display()
+    );
     println!(
         "done in {:.1} s. Next: `dws dataset info {}`, `dws envs`, `dws bench envs`.",
         started.elapsed().as_secs_f64(),
