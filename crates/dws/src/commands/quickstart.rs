@@ -137,5 +137,10 @@ pub fn run(args: Args) -> Result<()> {
         dirs[0].display()
     );
     println!("Not built yet: world-model training (pretrain/finetune), eval, play, RL.");
+    if !cfg!(feature = "atari") {
+        println!(
+            "Atari is left out of this build; add `--features atari` (needs cmake) to include it."
+        );
+    }
     Ok(())
 }
