@@ -1,0 +1,223 @@
+//! Rectified flow (the Wan2.1 / Open-Sora objective) around a velocity network:
+//! `x_t = (1 - t) x_0 + t e`, target velocity `e - x_0`, flow times drawn logit-normal
+//! with a shift toward noise; few-step Euler sampling from `t = 1` to `0`. Context frames
+//! are clean (`t = 0`), so one network predicts the next frame of a history window
+//! (autoregressive rollout) or several frames at once.
+//!
+//! All randomness comes from a caller's ChaCha8 generator (on the CPU), so a run is
+//! reproducible and a resumed run continues the same random stream.
+
+use crate::embedders::{ActionBatch, ActionEmbedder};
+use crate::flow_dit::FlowDit;
+use crate::motion_loss::{motion_weights, MotionLoss};
+use burn::prelude::*;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowConfig {
+    /// Shift of the flow-time distribution toward noise (`t' = s t / (1 + (s - 1) t)`).
+    pub shift: f32,
+    /// Euler steps when sampling.
+    pub sample_steps: usize,
+}
+
+impl Default for FlowConfig {
+    fn default() -> Self {
+        Self {
+            shift: 1.0,
+            sample_steps: 4,
+        }
+    }
+}
+
+fn shifted(t: f32, shift: f32) -> f32 {
+    shift * t / (1.0 + (shift - 1.0) * t)
+}
+
+/// Standard normal samples (Box-Muller).
+pub fn normal(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f32 = rng.gen_range(f32::EPSILON..1.0);
+        let u2: f32 = rng.gen();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let a = std::f32::consts::TAU * u2;
+        out.push(r * a.cos());
+        out.push(r * a.sin());
+    }
+    out.truncate(n);
+    out
+}
+
+/// u8 frames `[B, F, H, W, C]` → floats `[B, F, C, H, W]` in [-1, 1].
+pub fn frames_to_tensor<B: Backend>(
+    frames: &[u8],
+    shape: [usize; 5],
+    device: &B::Device,
+) -> Tensor<B, 5> {
+    let [b, f, h, w, c] = shape;
+    let data: Vec<f32> = frames.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+    Tensor::<B, 5>::from_data(TensorData::new(data, [b, f, h, w, c]), device)
+        .permute([0, 1, 4, 2, 3])
+}
+
+/// Floats `[B, F, C, H, W]` in [-1, 1] → u8 `[B, F, H, W, C]`.
+pub fn tensor_to_frames<B: Backend>(x: Tensor<B, 5>) -> Vec<u8> {
+    let x = x.permute([0, 1, 3, 4, 2]);
+    x.into_data()
+        .to_vec::<f32>()
+        .expect("float tensor")
+        .into_iter()
+        .map(|v| ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8)
+        .collect()
+}
+
+/// A world simulator: the video network and, once DWS is attached, its action embedder.
+/// This pair is what checkpoints hold.
+#[derive(Module, Debug)]
+pub struct WorldModel<B: Backend> {
+    pub dit: FlowDit<B>,
+    pub embedder: Option<ActionEmbedder<B>>,
+}
+
+impl<B: Backend> WorldModel<B> {
+    /// Per-frame action embeddings `[B, F, Dc]` for `F - 1` actions per clip, or `None`
+    /// for an action-free model.
+    pub fn cond(&self, actions: Option<&ActionBatch<B>>) -> Option<Tensor<B, 3>> {
+        match (&self.embedder, actions) {
+            (Some(e), Some(a)) if self.dit.has_action_modules() => Some(e.forward(a.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// What one training batch holds.
+pub struct FlowBatch<B: Backend> {
+    /// Clean clips `[B, F, C, H, W]` in [-1, 1].
+    pub x0: Tensor<B, 5>,
+    /// `F - 1` actions per clip (ignored by models without action modules).
+    pub actions: Option<ActionBatch<B>>,
+}
+
+/// Loss settings.
+#[derive(Debug, Clone, Copy)]
+pub struct LossConfig {
+    pub motion: MotionLoss,
+    pub strength: f32,
+    pub temperature: f32,
+    pub shift: f32,
+}
+
+/// The rectified-flow loss on a batch: each clip gets `k` clean context frames (uniform in
+/// `1..F`), the rest share one flow time; squared velocity error on those frames,
+/// weighted by the motion weights. Returns the scalar loss.
+pub fn flow_loss<B: Backend>(
+    world: &WorldModel<B>,
+    batch: FlowBatch<B>,
+    cfg: &LossConfig,
+    rng: &mut ChaCha8Rng,
+) -> Tensor<B, 1> {
+    let [b, f, c, h, w] = batch.x0.dims();
+    let device = batch.x0.device();
+    let mut t = vec![0f32; b * f];
+    let mut mask = vec![0f32; b * f];
+    for i in 0..b {
+        let k = if f > 1 { rng.gen_range(1..f) } else { 0 };
+        // Logit-normal flow time, shifted toward noise.
+        let z = normal(rng, 1)[0];
+        let ti = shifted(1.0 / (1.0 + (-z).exp()), cfg.shift);
+        for j in k..f {
+            t[i * f + j] = ti;
+            mask[i * f + j] = 1.0;
+        }
+    }
+    let noise = Tensor::<B, 5>::from_data(
+        TensorData::new(normal(rng, b * f * c * h * w), [b, f, c, h, w]),
+        &device,
+    );
+    let t = Tensor::<B, 2>::from_data(TensorData::new(t, [b, f]), &device);
+    let mask = Tensor::<B, 5>::from_data(TensorData::new(mask, [b, f, 1, 1, 1]), &device);
+    let t5 = t.clone().reshape([b, f, 1, 1, 1]);
+    let xt = batch.x0.clone() * (t5.clone().neg() + 1.0) + noise.clone() * t5;
+    let target = noise - batch.x0.clone();
+    let cond = world.cond(batch.actions.as_ref());
+    let v = world.dit.forward(xt, t, cond);
+    let weights =
+        motion_weights(batch.x0, cfg.motion, cfg.strength, cfg.temperature) * mask.clone();
+    let se = (v - target).powf_scalar(2.0) * weights; // [B, F, C, H, W]
+    let count = mask.sum() * (c * h * w) as f64;
+    se.sum() / count
+}
+
+/// Generates `new` frames after the context `[B, K, C, H, W]` jointly, with `steps` Euler
+/// steps. `cond` covers all `K + new` frames when the model takes actions.
+pub fn sample_frames<B: Backend>(
+    model: &FlowDit<B>,
+    context: Tensor<B, 5>,
+    new: usize,
+    cond: Option<Tensor<B, 3>>,
+    cfg: &FlowConfig,
+    rng: &mut ChaCha8Rng,
+) -> Tensor<B, 5> {
+    let [b, k, c, h, w] = context.dims();
+    let device = context.device();
+    let mut x = Tensor::<B, 5>::from_data(
+        TensorData::new(normal(rng, b * new * c * h * w), [b, new, c, h, w]),
+        &device,
+    );
+    let steps = cfg.sample_steps.max(1);
+    for i in 0..steps {
+        let t_now = shifted(1.0 - i as f32 / steps as f32, cfg.shift);
+        let t_next = shifted(1.0 - (i + 1) as f32 / steps as f32, cfg.shift);
+        let mut times = vec![0f32; b * (k + new)];
+        for bi in 0..b {
+            for j in k..k + new {
+                times[bi * (k + new) + j] = t_now;
+            }
+        }
+        let times = Tensor::<B, 2>::from_data(TensorData::new(times, [b, k + new]), &device);
+        let input = Tensor::cat(vec![context.clone(), x.clone()], 1);
+        let v = model.forward(input, times, cond.clone()).narrow(1, k, new);
+        x = x + v * (t_next - t_now) as f64;
+    }
+    x.clamp(-1.0, 1.0)
+}
+
+/// Autoregressive rollout: predicts one frame at a time from a sliding window of at most
+/// `window` frames, for as many frames as there are actions after the context (or
+/// `horizon` frames for an action-free model). Returns the predicted frames
+/// `[B, horizon, C, H, W]`.
+///
+/// `actions` holds, per clip, the action taken after each frame from the first context
+/// frame on: `K - 1 + horizon` of them.
+pub fn rollout<B: Backend>(
+    world: &WorldModel<B>,
+    context: Tensor<B, 5>,
+    actions: Option<&ActionBatch<B>>,
+    horizon: usize,
+    window: usize,
+    cfg: &FlowConfig,
+    rng: &mut ChaCha8Rng,
+) -> Tensor<B, 5> {
+    let window = window.max(2);
+    let mut frames: Vec<Tensor<B, 5>> = context.clone().chunk(context.dims()[1], 1);
+    let mut out = Vec::with_capacity(horizon);
+    for _ in 0..horizon {
+        let total = frames.len();
+        let start = total.saturating_sub(window - 1);
+        let ctx = Tensor::cat(frames[start..].to_vec(), 1);
+        // Actions between the window's frames and into the new one.
+        let n = total - start;
+        let sub = actions.map(|a| match a {
+            ActionBatch::Discrete(ids) => ActionBatch::Discrete(ids.clone().narrow(1, start, n)),
+            ActionBatch::Continuous(v) => ActionBatch::Continuous(v.clone().narrow(1, start, n)),
+        });
+        let cond = world.cond(sub.as_ref());
+        let next = sample_frames(&world.dit, ctx, 1, cond, cfg, rng);
+        frames.push(next.clone());
+        out.push(next);
+    }
+    Tensor::cat(out, 1)
+}

@@ -1,0 +1,301 @@
+//! A flow-matching video transformer (Wan2.1 / Open-Sora family, sized for CPUs):
+//! frames are cut into patches, each frame carries its own flow time `t` (context frames
+//! are clean, `t = 0`), blocks are adaLN-modulated by the per-frame time embedding, and
+//! attention is either full spatio-temporal (Wan-style) or factorised spatial-then-
+//! temporal (Open-Sora STDiT-style). With actions, the DWS action module runs before
+//! every block. The network predicts the flow velocity; it knows nothing of the flow
+//! process itself (see `flow.rs`).
+//!
+//! Shapes: video `[B, F, C, H, W]` in [-1, 1]; tokens `[B, F, N, D]` with `N = (H/p)(W/p)`.
+
+use crate::action_module::{ActionModule, ActionModuleConfig};
+use burn::module::{Initializer, Param};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, silu};
+use burn::tensor::module::attention;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionLayout {
+    /// Every token attends to every token of every frame (Wan2.1).
+    Full,
+    /// Spatial attention within a frame, then temporal attention across frames at each
+    /// position (Open-Sora STDiT).
+    Factorized,
+}
+
+/// Sizes of the network (DiT-style presets are in `configs/`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowDitConfig {
+    pub image_size: usize,
+    pub channels: usize,
+    pub patch: usize,
+    pub width: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_ratio: usize,
+    /// Longest clip (learned temporal positions).
+    pub max_frames: usize,
+    pub attention: AttentionLayout,
+    /// Width of the sinusoidal time features.
+    pub time_freqs: usize,
+}
+
+impl FlowDitConfig {
+    pub fn tokens_per_frame(&self) -> usize {
+        (self.image_size / self.patch).pow(2)
+    }
+
+    pub fn patch_dim(&self) -> usize {
+        self.patch * self.patch * self.channels
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.patch == 0 || !self.image_size.is_multiple_of(self.patch) {
+            return Err(format!(
+                "patch {} must divide the image size {}",
+                self.patch, self.image_size
+            ));
+        }
+        if self.heads == 0 || !self.width.is_multiple_of(self.heads) {
+            return Err(format!(
+                "heads {} must divide the width {}",
+                self.heads, self.width
+            ));
+        }
+        if !self.time_freqs.is_multiple_of(2) || self.max_frames == 0 || self.depth == 0 {
+            return Err("time_freqs must be even; max_frames and depth at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> FlowDit<B> {
+        let d = self.width;
+        let small = Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        };
+        FlowDit {
+            patch_embed: LinearConfig::new(self.patch_dim(), d).init(device),
+            pos_space: small.init([self.tokens_per_frame(), d], device),
+            pos_time: small.init([self.max_frames, d], device),
+            time_in: LinearConfig::new(self.time_freqs, d).init(device),
+            time_out: LinearConfig::new(d, d).init(device),
+            blocks: (0..self.depth).map(|_| self.block(device)).collect(),
+            action_modules: Vec::new(),
+            final_norm: LayerNormConfig::new(d).init(device),
+            final_mod: LinearConfig::new(d, 2 * d)
+                .with_initializer(Initializer::Zeros)
+                .init(device),
+            final_proj: LinearConfig::new(d, self.patch_dim())
+                .with_initializer(Initializer::Zeros)
+                .init(device),
+            patch: self.patch,
+            heads: self.heads,
+            factorized: self.attention == AttentionLayout::Factorized,
+            time_freqs: self.time_freqs,
+        }
+    }
+
+    fn block<B: Backend>(&self, device: &B::Device) -> Block<B> {
+        let d = self.width;
+        let attn = || SelfAttention {
+            qkv: LinearConfig::new(d, 3 * d).init(device),
+            proj: LinearConfig::new(d, d).init(device),
+        };
+        let factorized = self.attention == AttentionLayout::Factorized;
+        let n_mod = if factorized { 9 } else { 6 };
+        Block {
+            norm1: LayerNormConfig::new(d).init(device),
+            attn: attn(),
+            norm_t: factorized.then(|| LayerNormConfig::new(d).init(device)),
+            attn_t: factorized.then(attn),
+            norm2: LayerNormConfig::new(d).init(device),
+            fc1: LinearConfig::new(d, d * self.mlp_ratio).init(device),
+            fc2: LinearConfig::new(d * self.mlp_ratio, d).init(device),
+            ada: LinearConfig::new(d, n_mod * d)
+                .with_initializer(Initializer::Zeros)
+                .init(device),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+struct SelfAttention<B: Backend> {
+    qkv: Linear<B>,
+    proj: Linear<B>,
+}
+
+impl<B: Backend> SelfAttention<B> {
+    /// `x`: `[S, L, D]` sequences of length L.
+    fn forward(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+        let [s, l, d] = x.dims();
+        let hd = d / heads;
+        let qkv = self.qkv.forward(x); // [S, L, 3D]
+        let split = |i: usize| {
+            qkv.clone()
+                .narrow(2, i * d, d)
+                .reshape([s, l, heads, hd])
+                .swap_dims(1, 2) // [S, H, L, hd]
+        };
+        let out = attention(split(0), split(1), split(2), None, None, Default::default());
+        self.proj.forward(out.swap_dims(1, 2).reshape([s, l, d]))
+    }
+}
+
+#[derive(Module, Debug)]
+struct Block<B: Backend> {
+    norm1: LayerNorm<B>,
+    attn: SelfAttention<B>,
+    /// Temporal attention of the factorised layout.
+    norm_t: Option<LayerNorm<B>>,
+    attn_t: Option<SelfAttention<B>>,
+    norm2: LayerNorm<B>,
+    fc1: Linear<B>,
+    fc2: Linear<B>,
+    /// Per-frame (shift, scale, gate) for each sub-layer, from the time embedding; zero-
+    /// initialised, so every block starts as the identity (adaLN-Zero).
+    ada: Linear<B>,
+}
+
+/// `norm(x) * (1 + scale) + shift` with per-frame modulation `[B, F, 1, D]`.
+fn modulate<B: Backend>(x: Tensor<B, 4>, shift: Tensor<B, 4>, scale: Tensor<B, 4>) -> Tensor<B, 4> {
+    x * (scale + 1.0) + shift
+}
+
+impl<B: Backend> Block<B> {
+    /// `x`: `[B, F, N, D]`, `temb`: `[B, F, D]`.
+    fn forward(&self, x: Tensor<B, 4>, temb: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+        let [b, f, n, d] = x.dims();
+        let m = self.ada.forward(silu(temb)); // [B, F, k*D]
+        let part = |i: usize| m.clone().narrow(2, i * d, d).unsqueeze_dim::<4>(2); // [B, F, 1, D]
+                                                                                   // Spatial (or full) attention.
+        let h = modulate(self.norm1.forward(x.clone()), part(0), part(1));
+        let h = match (&self.attn_t, &self.norm_t) {
+            (Some(_), _) => self
+                .attn
+                .forward(h.reshape([b * f, n, d]), heads)
+                .reshape([b, f, n, d]),
+            _ => self
+                .attn
+                .forward(h.reshape([b, f * n, d]), heads)
+                .reshape([b, f, n, d]),
+        };
+        let mut x = x + h * part(2);
+        let mut next = 3;
+        if let (Some(attn_t), Some(norm_t)) = (&self.attn_t, &self.norm_t) {
+            let h = modulate(norm_t.forward(x.clone()), part(3), part(4));
+            let h = h.swap_dims(1, 2).reshape([b * n, f, d]); // [B*N, F, D]
+            let h = attn_t
+                .forward(h, heads)
+                .reshape([b, n, f, d])
+                .swap_dims(1, 2);
+            x = x + h * part(5);
+            next = 6;
+        }
+        let h = modulate(self.norm2.forward(x.clone()), part(next), part(next + 1));
+        let h = self.fc2.forward(gelu(self.fc1.forward(h)));
+        x + h * part(next + 2)
+    }
+}
+
+/// The video transformer.
+#[derive(Module, Debug)]
+pub struct FlowDit<B: Backend> {
+    patch_embed: Linear<B>,
+    pos_space: Param<Tensor<B, 2>>,
+    pos_time: Param<Tensor<B, 2>>,
+    time_in: Linear<B>,
+    time_out: Linear<B>,
+    blocks: Vec<Block<B>>,
+    /// One DWS module per block (empty for an action-free base model).
+    pub action_modules: Vec<ActionModule<B>>,
+    final_norm: LayerNorm<B>,
+    final_mod: Linear<B>,
+    final_proj: Linear<B>,
+    patch: usize,
+    heads: usize,
+    factorized: bool,
+    time_freqs: usize,
+}
+
+/// Sinusoidal features of flow times `[B, F]` in [0, 1] → `[B, F, freqs]`.
+fn time_features<B: Backend>(t: Tensor<B, 2>, freqs: usize) -> Tensor<B, 3> {
+    let half = freqs / 2;
+    let device = t.device();
+    let k: Vec<f32> = (0..half)
+        .map(|i| (-(10_000f32.ln()) * i as f32 / half as f32).exp())
+        .collect();
+    let k = Tensor::<B, 1>::from_data(TensorData::new(k, [half]), &device).reshape([1, 1, half]);
+    let arg = t.unsqueeze_dim::<3>(2) * 1000.0 * k; // [B, F, half]
+    Tensor::cat(vec![arg.clone().cos(), arg.sin()], 2)
+}
+
+impl<B: Backend> FlowDit<B> {
+    /// Attaches one zero-initialised DWS action module per block.
+    pub fn attach_action_modules(mut self, cond_dim: usize, device: &B::Device) -> Self {
+        let d = self.pos_space.dims()[1];
+        let cfg = ActionModuleConfig::new(d, cond_dim, d);
+        self.action_modules = (0..self.blocks.len()).map(|_| cfg.init(device)).collect();
+        self
+    }
+
+    pub fn has_action_modules(&self) -> bool {
+        !self.action_modules.is_empty()
+    }
+
+    /// `[B, F, C, H, W]` → `[B, F, N, p*p*C]`.
+    fn patchify(&self, x: Tensor<B, 5>) -> Tensor<B, 4> {
+        let [b, f, c, h, w] = x.dims();
+        let p = self.patch;
+        let (hp, wp) = (h / p, w / p);
+        x.reshape([b * f, c, hp, p, wp, p])
+            .permute([0, 2, 4, 3, 5, 1]) // [BF, hp, wp, p, p, C]
+            .reshape([b, f, hp * wp, p * p * c])
+    }
+
+    /// Inverse of [`Self::patchify`].
+    fn unpatchify(&self, x: Tensor<B, 4>, c: usize, h: usize, w: usize) -> Tensor<B, 5> {
+        let [b, f, _, _] = x.dims();
+        let p = self.patch;
+        let (hp, wp) = (h / p, w / p);
+        x.reshape([b * f, hp, wp, p, p, c])
+            .permute([0, 5, 1, 3, 2, 4]) // [BF, C, hp, p, wp, p]
+            .reshape([b, f, c, h, w])
+    }
+
+    /// Predicted velocity for frames `x` `[B, F, C, H, W]` at per-frame flow times `t`
+    /// `[B, F]`, conditioned on per-frame action embeddings `cond` `[B, F, Dc]` when the
+    /// model has action modules.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 5>,
+        t: Tensor<B, 2>,
+        cond: Option<Tensor<B, 3>>,
+    ) -> Tensor<B, 5> {
+        let [_, f, c, h, w] = x.dims();
+        let tokens = self.patch_embed.forward(self.patchify(x)); // [B, F, N, D]
+        let [_, _, n, d] = tokens.dims();
+        let pos = self.pos_space.val().reshape([1, 1, n, d])
+            + self.pos_time.val().narrow(0, 0, f).reshape([1, f, 1, d]);
+        let mut x = tokens + pos;
+        let temb = self.time_out.forward(silu(
+            self.time_in.forward(time_features(t, self.time_freqs)),
+        )); // [B, F, D]
+        for (i, block) in self.blocks.iter().enumerate() {
+            if let (Some(module), Some(c)) = (self.action_modules.get(i), cond.as_ref()) {
+                x = module.forward(x, c.clone());
+            }
+            x = block.forward(x, temb.clone(), self.heads);
+        }
+        let m = self.final_mod.forward(silu(temb));
+        let shift = m.clone().narrow(2, 0, d).unsqueeze_dim::<4>(2);
+        let scale = m.narrow(2, d, d).unsqueeze_dim::<4>(2);
+        let out = self
+            .final_proj
+            .forward(modulate(self.final_norm.forward(x), shift, scale));
+        self.unpatchify(out, c, h, w)
+    }
+}

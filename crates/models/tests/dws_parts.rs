@@ -1,0 +1,169 @@
+//! The DWS pieces: motion weights, the zero-initialised action module, MiniLM parity.
+
+use burn::backend::{Autodiff, Flex};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use dws_models::embedders::{ActionBatch, ActionKind, EmbedderConfig, EmbedderKind};
+use dws_models::flow_dit::{AttentionLayout, FlowDitConfig};
+use dws_models::minilm::MiniLm;
+use dws_models::motion_loss::{motion_weights, MotionLoss};
+
+type B = Flex;
+type AD = Autodiff<Flex>;
+
+fn dev() -> burn::backend::flex::FlexDevice {
+    Default::default()
+}
+
+fn to_vec<const D: usize, BB: Backend>(t: Tensor<BB, D>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+/// A clip `[1, 3, 1, 4, 4]`: frame 1 changes one pixel a lot and one a little; frame 2
+/// changes nothing.
+fn clip() -> Tensor<B, 5> {
+    let mut v = vec![0f32; 3 * 16];
+    v[16 + 5] = 1.0; // frame 1, pixel 5: big change
+    v[16 + 9] = 0.2; // frame 1, pixel 9: small change
+    v[32 + 5] = 1.0; // frame 2 = frame 1
+    v[32 + 9] = 0.2;
+    Tensor::from_data(TensorData::new(v, [1, 3, 1, 4, 4]), &dev())
+}
+
+#[test]
+fn motion_weights_properties() {
+    let c = 5.0;
+    for mode in [MotionLoss::Softmax, MotionLoss::SoftmaxMax] {
+        let w = to_vec(motion_weights(clip(), mode, c, 0.1));
+        assert_eq!(w.len(), 48);
+        assert!(w[..16].iter().all(|&x| x == 1.0), "{mode:?}: w_0 must be 1");
+        assert!(
+            w.iter().all(|&x| (1.0..=c + 1e-4).contains(&x)),
+            "{mode:?}: weights outside [1, c]"
+        );
+        // Larger where the frame changed, and more where it changed more.
+        assert!(
+            w[16 + 5] > w[16 + 9] && w[16 + 9] > w[16],
+            "{mode:?}: {:?}",
+            &w[16..32]
+        );
+        // An unchanged frame has uniform weights.
+        assert!(w[32..].iter().all(|&x| (x - w[32]).abs() < 1e-6));
+    }
+    // softmax-max gives the most-changed position exactly c.
+    let w = to_vec(motion_weights(clip(), MotionLoss::SoftmaxMax, c, 0.1));
+    assert!((w[16 + 5] - c).abs() < 1e-4);
+    // The plain softmax over many positions stays near 1: the reason for softmax-max.
+    let big = Tensor::<B, 5>::random(
+        [1, 2, 3, 64, 64],
+        burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &dev(),
+    );
+    let w = to_vec(motion_weights(big, MotionLoss::Softmax, c, 1.0));
+    assert!(w.iter().all(|&x| x < 1.01));
+    let ones = to_vec(motion_weights(clip(), MotionLoss::None, c, 0.1));
+    assert!(ones.iter().all(|&x| x == 1.0));
+}
+
+fn tiny() -> FlowDitConfig {
+    FlowDitConfig {
+        image_size: 16,
+        channels: 3,
+        patch: 4,
+        width: 32,
+        depth: 2,
+        heads: 2,
+        mlp_ratio: 2,
+        max_frames: 4,
+        attention: AttentionLayout::Factorized,
+        time_freqs: 16,
+    }
+}
+
+#[test]
+fn zero_initialised_action_module_changes_nothing_until_trained() {
+    let device = dev();
+    AD::seed(&device, 7);
+    let cfg = tiny();
+    let mut base = cfg.init::<AD>(&device);
+    let x = Tensor::<AD, 5>::random(
+        [2, 3, 3, 16, 16],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let t = Tensor::<AD, 2>::from_data([[0.0, 0.5, 0.5], [0.0, 0.0, 0.9]], &device);
+    // Train the base a little so its output is not the zero of a fresh adaLN-Zero model.
+    let mut opt = AdamWConfig::new().init::<AD, _>();
+    for _ in 0..3 {
+        let loss = (base.forward(x.clone(), t.clone(), None) - x.clone())
+            .powf_scalar(2.0)
+            .mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &base);
+        base = opt.step(1e-2, base, grads);
+    }
+    let before = base.forward(x.clone(), t.clone(), None);
+    assert!(before.clone().abs().max().into_scalar() > 1e-3);
+
+    let embedder = EmbedderConfig {
+        kind: EmbedderKind::Table,
+        actions: ActionKind::Discrete {
+            n: 4,
+            templates: vec![String::new(); 4],
+        },
+        cond_dim: 16,
+    }
+    .init::<AD>(&device)
+    .unwrap();
+    let model = base.attach_action_modules(16, &device);
+    let actions = |a: i64| {
+        ActionBatch::Discrete(Tensor::<AD, 2, Int>::from_data(
+            TensorData::new(vec![a; 4], [2, 2]),
+            &device,
+        ))
+    };
+    let with = model.forward(x.clone(), t.clone(), Some(embedder.forward(actions(1))));
+    let diff: f32 = (with - before).abs().max().into_scalar();
+    assert_eq!(diff, 0.0, "attaching the module changed the output");
+
+    // One optimiser step on the action module and embedder makes predictions depend on
+    // the action.
+    let loss = (model.forward(x.clone(), t.clone(), Some(embedder.forward(actions(1))))
+        - x.clone())
+    .powf_scalar(2.0)
+    .mean();
+    let mut grads = loss.backward();
+    let g_mod = GradientsParams::from_module(&mut grads, &model);
+    let model = AdamWConfig::new().init::<AD, _>().step(1e-2, model, g_mod);
+    let a = model.forward(x.clone(), t.clone(), Some(embedder.forward(actions(1))));
+    let b = model.forward(x.clone(), t.clone(), Some(embedder.forward(actions(3))));
+    let gap: f32 = (a - b).abs().max().into_scalar();
+    assert!(
+        gap > 1e-6,
+        "predictions ignore the action after a step (gap {gap})"
+    );
+}
+
+#[test]
+fn minilm_matches_the_reference() {
+    let text = include_str!("fixtures/minilm.json");
+    let fixture: serde_json::Value = serde_json::from_str(text).unwrap();
+    let model = MiniLm::<B>::from_asset(&dev()).unwrap();
+    let sentences = fixture["sentences"].as_array().unwrap();
+    let expected = fixture["embeddings"].as_array().unwrap();
+    for (s, e) in sentences.iter().zip(expected) {
+        let got = to_vec(model.embed(s.as_str().unwrap()).unwrap());
+        let want: Vec<f32> = e
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(got.len(), 384);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-4, "{s}: max difference {worst}");
+    }
+}
