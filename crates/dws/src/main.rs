@@ -3,7 +3,9 @@
 //! writes results.
 
 mod commands;
+mod device;
 mod progress;
+mod report;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +27,13 @@ enum Command {
     Quickstart(commands::quickstart::Args),
     /// Collect episodes from an environment into a dataset directory.
     Collect(commands::collect::Args),
+    /// Train the action-free base video model on one or more datasets.
+    Pretrain(commands::world::PretrainArgs),
+    /// Turn a base model into a world simulator with DWS (action module, action
+    /// embedding, motion-reinforced loss) on a target dataset.
+    Finetune(commands::world::FinetuneArgs),
+    /// Roll a model out on a dataset episode; GIF of ground truth | prediction.
+    Predict(commands::world::PredictArgs),
     /// Inspect, preview and export episode datasets.
     #[command(subcommand)]
     Dataset(commands::dataset::Command),
@@ -53,6 +62,9 @@ fn main() {
     let result = match cli.command {
         Command::Quickstart(a) => commands::quickstart::run(a),
         Command::Collect(a) => commands::collect::run(a).map(|_| ()),
+        Command::Pretrain(a) => commands::world::pretrain(a),
+        Command::Finetune(a) => commands::world::finetune(a),
+        Command::Predict(a) => commands::world::predict(a).map(|_| ()),
         Command::Dataset(c) => commands::dataset::run(c),
         Command::Envs(a) => commands::envs::run(a),
         Command::Assets(c) => commands::assets::run(c),

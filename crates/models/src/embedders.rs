@@ -79,6 +79,16 @@ impl EmbedderConfig {
     /// Builds the embedder; the text kind runs MiniLM over the templates once (the
     /// embeddings are then part of the module, saved with it).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<ActionEmbedder<B>> {
+        self.build(device, true)
+    }
+
+    /// The same structure without running the text encoder (template embeddings are
+    /// zeros): a skeleton to load a checkpoint into.
+    pub fn init_skeleton<B: Backend>(&self, device: &B::Device) -> Result<ActionEmbedder<B>> {
+        self.build(device, false)
+    }
+
+    fn build<B: Backend>(&self, device: &B::Device, encode: bool) -> Result<ActionEmbedder<B>> {
         let no_action = Initializer::Normal {
             mean: 0.0,
             std: 0.02,
@@ -98,8 +108,11 @@ impl EmbedderConfig {
                         templates.len()
                     )));
                 }
-                let minilm = MiniLm::<B>::from_asset(device)?;
-                let table = minilm.embed_all(templates)?;
+                let table = if encode {
+                    MiniLm::<B>::from_asset(device)?.embed_all(templates)?
+                } else {
+                    Tensor::zeros([*n, TEXT_WIDTH], device)
+                };
                 e.text = Some(Param::from_tensor(table).set_require_grad(false));
                 e.proj = Some(LinearConfig::new(TEXT_WIDTH, self.cond_dim).init(device));
             }

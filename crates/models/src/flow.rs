@@ -83,6 +83,15 @@ pub struct WorldModel<B: Backend> {
 }
 
 impl<B: Backend> WorldModel<B> {
+    /// Marks every base-network parameter as frozen, leaving the action modules and the
+    /// embedder trainable (`finetune --train new`).
+    pub fn freeze_base(mut self) -> Self {
+        let modules = std::mem::take(&mut self.dit.action_modules);
+        self.dit = self.dit.no_grad();
+        self.dit.action_modules = modules;
+        self
+    }
+
     /// Per-frame action embeddings `[B, F, Dc]` for `F - 1` actions per clip, or `None`
     /// for an action-free model.
     pub fn cond(&self, actions: Option<&ActionBatch<B>>) -> Option<Tensor<B, 3>> {

@@ -10,11 +10,13 @@
 //! Model code is generic over burn's `Backend`; the binary picks CPU (Flex) or CUDA.
 
 pub mod action_module;
+pub mod checkpoint;
 pub mod embedders;
 pub mod flow;
 pub mod flow_dit;
 pub mod minilm;
 pub mod motion_loss;
+pub mod train;
 
 use std::path::PathBuf;
 

@@ -4,3 +4,4 @@ pub mod collect;
 pub mod dataset;
 pub mod envs;
 pub mod quickstart;
+pub mod world;

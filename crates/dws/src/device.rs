@@ -1,0 +1,48 @@
+//! `--device cpu|cuda:N`: the only place that names concrete backends.
+
+use anyhow::Result;
+use burn::tensor::backend::AutodiffBackend;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}`: cpu or cuda:N")),
+        }
+    }
+}
+
+/// Work that runs on any training backend.
+pub trait Job {
+    type Out;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Out>;
+}
+
+/// Runs `job` on the chosen device.
+pub fn dispatch<J: Job>(device: DeviceArg, job: J) -> Result<J::Out> {
+    match device {
+        DeviceArg::Cpu => {
+            job.run::<burn::backend::Autodiff<burn::backend::Flex>>(Default::default())
+        }
+        #[cfg(feature = "cuda")]
+        DeviceArg::Cuda(i) => job.run::<burn::backend::Autodiff<burn::backend::Cuda>>(
+            burn::backend::cuda::CudaDevice::new(i),
+        ),
+        #[cfg(not(feature = "cuda"))]
+        DeviceArg::Cuda(_) => anyhow::bail!(
+            "this dws was built without CUDA; rebuild with `cargo build --release --features cuda`"
+        ),
+    }
+}
