@@ -20,6 +20,156 @@ pub enum Command {
         #[arg(long)]
         all_procgen: bool,
     },
+    /// Milliseconds per world-model training step (fine-tuning with DWS: action module,
+    /// text-free table embedder, motion loss) on random clips, at a preset's sizes.
+    Train {
+        #[arg(long, default_value = "small")]
+        preset: String,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value = "cpu")]
+        device: crate::device::DeviceArg,
+    },
+    /// Imagined frames per second: batched autoregressive rollout with the preset's
+    /// sampler steps.
+    Imagine {
+        #[arg(long, default_value = "small")]
+        preset: String,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Frames imagined per rollout (after 1 context frame).
+        #[arg(long, default_value_t = 8)]
+        frames: usize,
+        #[arg(long, default_value = "cpu")]
+        device: crate::device::DeviceArg,
+    },
+}
+
+/// A world model at a preset's sizes with DWS attached (table embedder, 15 actions).
+fn bench_world<B: burn::prelude::Backend>(
+    preset: &super::world::Preset,
+    device: &B::Device,
+) -> Result<dws_models::flow::WorldModel<B>> {
+    let embedder = dws_models::embedders::EmbedderConfig {
+        kind: dws_models::embedders::EmbedderKind::Table,
+        actions: dws_models::embedders::ActionKind::Discrete {
+            n: 15,
+            templates: vec![String::new(); 15],
+        },
+        cond_dim: preset.dws.cond_dim,
+    };
+    Ok(dws_models::flow::WorldModel {
+        dit: preset
+            .model
+            .init::<B>(device)
+            .attach_action_modules(preset.dws.cond_dim, device),
+        embedder: Some(embedder.init(device)?),
+    })
+}
+
+/// Random u8 clips with random actions.
+fn random_clips(batch: usize, len: usize, rng: &mut ChaCha8Rng) -> dws_data::ClipBatch {
+    use rand::Rng;
+    dws_data::ClipBatch {
+        batch,
+        len,
+        frame_shape: [64, 64, 3],
+        frames: (0..batch * len * 64 * 64 * 3).map(|_| rng.gen()).collect(),
+        actions: dws_data::Actions::Discrete((0..batch * (len - 1)).map(|_| rng.gen_range(0..15)).collect()),
+        rewards: vec![0.0; batch * (len - 1)],
+        terminated: vec![0; batch * (len - 1)],
+        truncated: vec![0; batch * (len - 1)],
+    }
+}
+
+struct TrainBench {
+    preset: String,
+    steps: usize,
+}
+
+impl crate::device::Job for TrainBench {
+    type Out = ();
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+        let preset = super::world::load_preset(&self.preset)?;
+        let cfg = &preset.finetune;
+        let mut world = bench_world::<B>(&preset, &device)?;
+        let mut optim = AdamWConfig::new().init::<B, dws_models::flow::WorldModel<B>>();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let loss_cfg = dws_models::flow::LossConfig {
+            motion: cfg.motion_loss,
+            strength: cfg.motion_strength,
+            temperature: cfg.motion_temperature,
+            shift: preset.flow.shift,
+        };
+        let mut times = Vec::new();
+        for i in 0..=self.steps {
+            let clips = random_clips(cfg.batch, cfg.clip_len, &mut rng);
+            let started = Instant::now();
+            let batch = dws_models::train::to_flow_batch::<B>(&clips, &device);
+            let loss = dws_models::flow::flow_loss(&world, batch, &loss_cfg, &mut rng);
+            let grads = GradientsParams::from_grads(loss.backward(), &world);
+            world = optim.step(1e-4, world, grads);
+            if i > 0 {
+                times.push(started.elapsed().as_secs_f64());
+            }
+        }
+        let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+        emit(&format!("train/{}/ms_per_step", self.preset), mean * 1e3, "ms");
+        emit(
+            &format!("train/{}/tokens_per_step", self.preset),
+            (cfg.batch * cfg.clip_len * preset.model.tokens_per_frame()) as f64,
+            "tokens",
+        );
+        Ok(())
+    }
+}
+
+struct ImagineBench {
+    preset: String,
+    batch: usize,
+    frames: usize,
+}
+
+impl crate::device::Job for ImagineBench {
+    type Out = ();
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let preset = super::world::load_preset(&self.preset)?;
+        let world = bench_world::<B::InnerBackend>(&preset, &device)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let clips = random_clips(self.batch, self.frames + 1, &mut rng);
+        let batch = dws_models::train::to_flow_batch::<B::InnerBackend>(&clips, &device);
+        let context = batch.x0.narrow(1, 0, 1);
+        let window = preset.finetune.clip_len.min(preset.model.max_frames);
+        let run = |rng: &mut ChaCha8Rng, frames: usize| {
+            let out = dws_models::flow::rollout(
+                &world,
+                context.clone(),
+                batch.actions.as_ref(),
+                frames,
+                window,
+                &preset.flow,
+                rng,
+            );
+            let _ = out.into_data();
+        };
+        run(&mut rng, 1); // warm-up
+        let started = Instant::now();
+        run(&mut rng, self.frames);
+        let secs = started.elapsed().as_secs_f64();
+        emit(
+            &format!("imagine/{}/frames_per_s", self.preset),
+            (self.batch * self.frames) as f64 / secs,
+            "frames/s",
+        );
+        emit(
+            &format!("imagine/{}/sampler_steps", self.preset),
+            preset.flow.sample_steps as f64,
+            "steps",
+        );
+        Ok(())
+    }
 }
 
 /// Prints one measurement.
@@ -60,6 +210,24 @@ pub fn steps_per_second(config: &EnvConfig, seconds: f64) -> Result<(f64, u64)> 
 
 pub fn run(cmd: Command) -> Result<()> {
     match cmd {
+        Command::Train {
+            preset,
+            steps,
+            device,
+        } => crate::device::dispatch(device, TrainBench { preset, steps })?,
+        Command::Imagine {
+            preset,
+            batch,
+            frames,
+            device,
+        } => crate::device::dispatch(
+            device,
+            ImagineBench {
+                preset,
+                batch,
+                frames,
+            },
+        )?,
         Command::Envs {
             seconds,
             all_procgen,
