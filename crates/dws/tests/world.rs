@@ -9,7 +9,11 @@ fn dws(args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "dws {args:?} failed: {text}");
     text
 }
@@ -20,7 +24,10 @@ fn losses(run: &Path) -> Vec<(usize, f64)> {
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap() as usize, v["loss"].as_f64().unwrap())
+            (
+                v["step"].as_u64().unwrap() as usize,
+                v["loss"].as_f64().unwrap(),
+            )
         })
         .collect()
 }
@@ -29,15 +36,37 @@ fn losses(run: &Path) -> Vec<(usize, f64)> {
 fn pretrain_finetune_predict_and_exact_resume() {
     let tmp = tempfile::tempdir().unwrap();
     let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
-    dws(&["collect", "--env", "push", "--policy", "scripted", "--episodes", "4", "--env-opts", "max_episode_steps=30", "--out", &p("push")]);
-    dws(&["pretrain", "--data", &p("push"), "--steps", "6", "--out", &p("base")]);
+    dws(&[
+        "collect",
+        "--env",
+        "push",
+        "--policy",
+        "scripted",
+        "--episodes",
+        "4",
+        "--env-opts",
+        "max_episode_steps=30",
+        "--out",
+        &p("push"),
+    ]);
+    dws(&[
+        "pretrain",
+        "--data",
+        &p("push"),
+        "--steps",
+        "6",
+        "--out",
+        &p("base"),
+    ]);
     assert_eq!(losses(&tmp.path().join("base")).len(), 6);
 
-    // Uninterrupted fine-tuning with the table embedder (no text-encoder download).
+    // Uninterrupted fine-tuning (continuous actions: the linear embedder).
+    let (base, data) = (p("base"), p("push"));
     let ft = |out: &str, extra: &[&str]| {
-        let mut args = vec!["finetune", "--base", &p("base"), "--data", &p("push"), "--steps", "8", "--out"];
         let out = p(out);
-        args.push(&out);
+        let mut args = vec![
+            "finetune", "--base", &base, "--data", &data, "--steps", "8", "--out", &out,
+        ];
         args.extend_from_slice(extra);
         dws(&args);
     };
@@ -49,14 +78,35 @@ fn pretrain_finetune_predict_and_exact_resume() {
     let a = losses(&tmp.path().join("full"));
     let b = losses(&tmp.path().join("resumed"));
     assert_eq!(a.len(), 8);
-    assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), b.iter().map(|x| x.0).collect::<Vec<_>>());
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
     for ((s, x), (_, y)) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "step {s}: {x} vs {y}");
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+            "step {s}: {x} vs {y}"
+        );
     }
 
     let gif = p("pred.gif");
-    let text = dws(&["predict", "--ckpt", &p("full"), "--data", &p("push"), "--episode", "1", "--horizon", "5", "--out", &gif]);
-    assert!(text.contains("with actions") && text.contains("PSNR"), "{text}");
+    let text = dws(&[
+        "predict",
+        "--ckpt",
+        &p("full"),
+        "--data",
+        &p("push"),
+        "--episode",
+        "1",
+        "--horizon",
+        "5",
+        "--out",
+        &gif,
+    ]);
+    assert!(
+        text.contains("with actions") && text.contains("PSNR"),
+        "{text}"
+    );
     let bytes = std::fs::read(&gif).unwrap();
     assert_eq!(&bytes[..6], b"GIF89a");
 }

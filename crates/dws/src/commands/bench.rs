@@ -76,7 +76,11 @@ fn random_clips(batch: usize, len: usize, rng: &mut ChaCha8Rng) -> dws_data::Cli
         len,
         frame_shape: [64, 64, 3],
         frames: (0..batch * len * 64 * 64 * 3).map(|_| rng.gen()).collect(),
-        actions: dws_data::Actions::Discrete((0..batch * (len - 1)).map(|_| rng.gen_range(0..15)).collect()),
+        actions: dws_data::Actions::Discrete(
+            (0..batch * (len - 1))
+                .map(|_| rng.gen_range(0..15))
+                .collect(),
+        ),
         rewards: vec![0.0; batch * (len - 1)],
         terminated: vec![0; batch * (len - 1)],
         truncated: vec![0; batch * (len - 1)],
@@ -116,7 +120,11 @@ impl crate::device::Job for TrainBench {
             }
         }
         let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
-        emit(&format!("train/{}/ms_per_step", self.preset), mean * 1e3, "ms");
+        emit(
+            &format!("train/{}/ms_per_step", self.preset),
+            mean * 1e3,
+            "ms",
+        );
         emit(
             &format!("train/{}/tokens_per_step", self.preset),
             (cfg.batch * cfg.clip_len * preset.model.tokens_per_frame()) as f64,
