@@ -250,7 +250,10 @@ impl Job for TrainJob {
             samplers: samplers(&cfg.data, cfg.train.clip_len)?,
         };
         B::seed(&device, cfg.train.seed);
-        let world: WorldModel<B> = match (&self.base, self.flags.resume) {
+        // Resuming needs a checkpoint; without one (a run killed before its first) the
+        // run starts over.
+        let resuming = self.flags.resume && checkpoint::latest(run).is_some();
+        let world: WorldModel<B> = match (&self.base, resuming) {
             (Some(base), false) => {
                 // Base weights, then the new DWS parts on top.
                 let (_, base_world, ckpt) = load_world::<B>(base, &device)?;
@@ -265,7 +268,7 @@ impl Job for TrainJob {
                 };
                 WorldModel { dit, embedder }
             }
-            _ => cfg.build::<B>(&device, !self.flags.resume)?,
+            _ => cfg.build::<B>(&device, !resuming)?,
         };
         tracing::info!(
             "{} {}: {} parameters ({} trainable), {} steps of {} clips x {} frames, data {}",
@@ -299,7 +302,7 @@ impl Job for TrainJob {
             &data,
             cfg.flow.shift,
             RunOptions {
-                resume: self.flags.resume,
+                resume: resuming,
                 stop_after: self.flags.stop_after,
                 freeze_base: cfg.train_new_only,
                 on_step: &mut on_step,
