@@ -605,6 +605,11 @@ impl Job for PredictJob {
         let (pred, truth) = predict_episode(&cfg, &world, &ds, spec, &device)?;
         let [h, w, _] = ds.header().frame_shape;
         let report = errors(&pred, &truth, h * w * 3);
+        // Reference: repeating the last context frame for every predicted frame.
+        let ep = ds.read_episode(a.episode)?;
+        let last = ep.frame(a.context - 1);
+        let copy: Vec<u8> = (0..a.horizon).flat_map(|_| last.iter().copied()).collect();
+        let baseline = errors(&copy, &truth, h * w * 3);
         crate::report::write_side_by_side_gif(&a.out, &truth, &pred, h, w, 3)?;
         println!(
             "predicted {} frames of episode {} from {} ({}): mean MSE {:.5}, mean PSNR {:.2} dB",
@@ -618,6 +623,10 @@ impl Job for PredictJob {
             },
             report.mean_mse,
             report.mean_psnr
+        );
+        println!(
+            "reference (repeat the last context frame): mean MSE {:.5}, mean PSNR {:.2} dB",
+            baseline.mean_mse, baseline.mean_psnr
         );
         println!(
             "wrote {} (ground truth | prediction | difference)",
