@@ -92,6 +92,9 @@ impl FlowDitConfig {
             final_proj: LinearConfig::new(d, self.patch_dim())
                 .with_initializer(Initializer::Zeros)
                 .init(device),
+            skip: LinearConfig::new(self.patch_dim(), self.patch_dim())
+                .with_initializer(Initializer::Zeros)
+                .init(device),
             patch: self.patch,
             heads: self.heads,
             factorized: self.attention == AttentionLayout::Factorized,
@@ -215,6 +218,10 @@ pub struct FlowDit<B: Backend> {
     final_norm: LayerNorm<B>,
     final_mod: Linear<B>,
     final_proj: Linear<B>,
+    /// Linear path from the input patches to the output. In pixel space a patch has
+    /// more values (p*p*C) than the token width, and the velocity carries the noise of
+    /// every value: without this path the transformer's width caps what it can predict.
+    skip: Linear<B>,
     patch: usize,
     heads: usize,
     factorized: bool,
@@ -276,7 +283,8 @@ impl<B: Backend> FlowDit<B> {
         cond: Option<Tensor<B, 3>>,
     ) -> Tensor<B, 5> {
         let [_, f, c, h, w] = x.dims();
-        let tokens = self.patch_embed.forward(self.patchify(x)); // [B, F, N, D]
+        let patches = self.patchify(x); // [B, F, N, p*p*C]
+        let tokens = self.patch_embed.forward(patches.clone()); // [B, F, N, D]
         let [_, _, n, d] = tokens.dims();
         let pos = self.pos_space.val().reshape([1, 1, n, d])
             + self.pos_time.val().narrow(0, 0, f).reshape([1, f, 1, d]);
@@ -295,7 +303,8 @@ impl<B: Backend> FlowDit<B> {
         let scale = m.narrow(2, d, d).unsqueeze_dim::<4>(2);
         let out = self
             .final_proj
-            .forward(modulate(self.final_norm.forward(x), shift, scale));
+            .forward(modulate(self.final_norm.forward(x), shift, scale))
+            + self.skip.forward(patches);
         self.unpatchify(out, c, h, w)
     }
 }
