@@ -201,7 +201,7 @@ pub fn run(args: Args) -> Result<()> {
         report.mean_psnr
     );
     if preset == "debug" {
-        println!("The debug preset trains for about a minute: expect noisy predictions. `--preset small` trains a useful model (about 35 minutes on 2 cores).");
+        println!("The debug preset trains for about a minute: expect noisy predictions. `--preset small` trains the larger small model (about 35 minutes on 2 cores; its quality is not measured yet).");
     }
     println!(
         "done in {:.1} s. Next: `dws dataset info {}`, `dws envs`, `dws bench envs`.",
