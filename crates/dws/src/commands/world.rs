@@ -168,7 +168,7 @@ fn samplers(dirs: &[PathBuf], clip_len: usize) -> Result<Vec<ClipSampler>> {
 /// Flags shared by the training commands.
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainFlags {
-    /// debug (seconds), small (a useful model on 2 CPU cores in under an hour), paper
+    /// debug (about a minute), small (sized to train on 2 CPU cores in under an hour), paper
     /// (GPU), or a TOML file.
     #[arg(long, default_value = "debug")]
     pub preset: String,
