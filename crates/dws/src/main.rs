@@ -33,7 +33,7 @@ enum Command {
     /// embedding, motion-reinforced loss) on a target dataset.
     Finetune(commands::world::FinetuneArgs),
     /// Roll a model out on a dataset episode; GIF of ground truth | prediction.
-    Predict(commands::world::PredictArgs),
+    Predict(commands::predict::PredictArgs),
     /// Inspect, preview and export episode datasets.
     #[command(subcommand)]
     Dataset(commands::dataset::Command),
@@ -64,7 +64,7 @@ fn main() {
         Command::Collect(a) => commands::collect::run(a).map(|_| ()),
         Command::Pretrain(a) => commands::world::pretrain(a),
         Command::Finetune(a) => commands::world::finetune(a),
-        Command::Predict(a) => commands::world::predict(a).map(|_| ()),
+        Command::Predict(a) => commands::predict::predict(a).map(|_| ()),
         Command::Dataset(c) => commands::dataset::run(c),
         Command::Envs(a) => commands::envs::run(a),
         Command::Assets(c) => commands::assets::run(c),

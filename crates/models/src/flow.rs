@@ -1,8 +1,18 @@
-//! Rectified flow (the Wan2.1 / Open-Sora objective) around a velocity network:
-//! `x_t = (1 - t) x_0 + t e`, target velocity `e - x_0`, flow times drawn logit-normal
-//! with a shift toward noise; few-step Euler sampling from `t = 1` to `0`. Context frames
-//! are clean (`t = 0`), so one network predicts the next frame of a history window
-//! (autoregressive rollout) or several frames at once.
+//! Rectified flow (the Wan2.1 / Open-Sora objective): `x_t = (1 - t) x_0 + t e`, target
+//! velocity `e - x_0`, flow times drawn logit-normal with a shift toward noise; few-step
+//! Euler sampling from `t = 1` to `0`. Context frames are clean (`t = 0`), so one network
+//! predicts the next frame of a history window (autoregressive rollout) or several frames
+//! at once.
+//!
+//! The network's output is read one of two ways ([`Prediction`]):
+//! - `velocity`: the output is the velocity itself (Wan2.1, Open-Sora).
+//! - `x0`: the output is the clean frame, as a change from the last clean context frame
+//!   (`x0_hat = anchor + out`), and the velocity follows from it:
+//!   `v_hat = (x_t - x0_hat) / max(t, T_MIN)`. The loss is still on the velocity. In pixel
+//!   space a clean frame is far easier for a narrow network to produce than the noise the
+//!   velocity carries (Li & He 2025, "Back to Basics: Let Denoising Generative Models
+//!   Denoise"), and anchoring on the last frame makes an untrained network predict
+//!   "nothing moves", the strong baseline of a world model, from which it learns changes.
 //!
 //! All randomness comes from a caller's ChaCha8 generator (on the CPU), so a run is
 //! reproducible and a resumed run continues the same random stream.
@@ -15,12 +25,71 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+/// What the network's output means (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prediction {
+    /// The flow velocity `e - x_0`.
+    #[default]
+    Velocity,
+    /// The clean frame, as a change from the last clean context frame.
+    X0,
+}
+
+impl std::str::FromStr for Prediction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "velocity" => Ok(Self::Velocity),
+            "x0" => Ok(Self::X0),
+            other => Err(format!(
+                "unknown prediction `{other}` (expected velocity or x0)"
+            )),
+        }
+    }
+}
+
+/// Which error the training loss squares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossOn {
+    /// The velocity (`v_hat - v`), the rectified-flow loss.
+    #[default]
+    Velocity,
+    /// The clean frame (`x0_hat - x0 = t (v - v_hat)`): the velocity error weighted by
+    /// `max(t, T_MIN)^2`, which weighs the noisiest times, where a few-step sampler makes
+    /// its largest moves, as much as the cleanest.
+    X0,
+}
+
+impl std::str::FromStr for LossOn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "velocity" => Ok(Self::Velocity),
+            "x0" => Ok(Self::X0),
+            other => Err(format!("unknown loss `{other}` (expected velocity or x0)")),
+        }
+    }
+}
+
+/// Smallest flow time dividing `x_t - x0_hat` when the velocity is derived from a clean-
+/// frame prediction (keeps the loss finite near `t = 0`).
+pub const T_MIN: f32 = 0.05;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FlowConfig {
     /// Shift of the flow-time distribution toward noise (`t' = s t / (1 + (s - 1) t)`).
     pub shift: f32,
     /// Euler steps when sampling.
     pub sample_steps: usize,
+    /// What the network predicts (runs written before this field existed predicted the
+    /// velocity).
+    #[serde(default)]
+    pub prediction: Prediction,
+    /// Which error the loss squares (runs written before this field used the velocity).
+    #[serde(default)]
+    pub loss: LossOn,
 }
 
 impl Default for FlowConfig {
@@ -28,8 +97,52 @@ impl Default for FlowConfig {
         Self {
             shift: 1.0,
             sample_steps: 4,
+            prediction: Prediction::X0,
+            loss: LossOn::X0,
         }
     }
+}
+
+/// The velocity the network implies for frames `x_t` `[B, F, C, H, W]` at flow times
+/// `t` (one per frame, row-major `[B, F]`). `anchor` (the last clean context frame at
+/// every position) is used by [`Prediction::X0`] only, as is `t_min`, the smallest time
+/// divided by ([`T_MIN`] in training; sampling never reaches `t = 0` on a noisy frame,
+/// and dividing by its exact time makes the last Euler step land on `x0_hat`).
+pub fn velocity<B: Backend>(
+    model: &FlowDit<B>,
+    xt: Tensor<B, 5>,
+    t: &[f32],
+    anchor: Tensor<B, 5>,
+    cond: Option<Tensor<B, 3>>,
+    prediction: Prediction,
+    t_min: f32,
+) -> Tensor<B, 5> {
+    let [b, f, _, _, _] = xt.dims();
+    let device = xt.device();
+    let times = Tensor::<B, 2>::from_data(TensorData::new(t.to_vec(), [b, f]), &device);
+    let out = model.forward(xt.clone(), times, cond);
+    match prediction {
+        Prediction::Velocity => out,
+        Prediction::X0 => {
+            let inv: Vec<f32> = t.iter().map(|&ti| 1.0 / ti.max(t_min)).collect();
+            let inv = Tensor::<B, 5>::from_data(TensorData::new(inv, [b, f, 1, 1, 1]), &device);
+            (xt - anchor - out) * inv
+        }
+    }
+}
+
+/// Per clip, its frame `last[i]` copied to every frame position: `[B, F, C, H, W]`.
+fn anchors<B: Backend>(x: &Tensor<B, 5>, last: &[usize]) -> Tensor<B, 5> {
+    let [b, f, c, h, w] = x.dims();
+    let mut pick = vec![0f32; b * f * f];
+    for (i, &k) in last.iter().enumerate() {
+        for j in 0..f {
+            pick[(i * f + j) * f + k] = 1.0;
+        }
+    }
+    let pick = Tensor::<B, 3>::from_data(TensorData::new(pick, [b, f, f]), &x.device());
+    pick.matmul(x.clone().reshape([b, f, c * h * w]))
+        .reshape([b, f, c, h, w])
 }
 
 fn shifted(t: f32, shift: f32) -> f32 {
@@ -117,6 +230,8 @@ pub struct LossConfig {
     pub strength: f32,
     pub temperature: f32,
     pub shift: f32,
+    pub prediction: Prediction,
+    pub loss: LossOn,
 }
 
 /// The rectified-flow loss on a batch: each clip gets `k` clean context frames (uniform in
@@ -132,8 +247,10 @@ pub fn flow_loss<B: Backend>(
     let device = batch.x0.device();
     let mut t = vec![0f32; b * f];
     let mut mask = vec![0f32; b * f];
+    let mut last = vec![0usize; b];
     for i in 0..b {
         let k = if f > 1 { rng.gen_range(1..f) } else { 0 };
+        last[i] = k.saturating_sub(1);
         // Logit-normal flow time, shifted toward noise.
         let z = normal(rng, 1)[0];
         let ti = shifted(1.0 / (1.0 + (-z).exp()), cfg.shift);
@@ -146,15 +263,19 @@ pub fn flow_loss<B: Backend>(
         TensorData::new(normal(rng, b * f * c * h * w), [b, f, c, h, w]),
         &device,
     );
-    let t = Tensor::<B, 2>::from_data(TensorData::new(t, [b, f]), &device);
     let mask = Tensor::<B, 5>::from_data(TensorData::new(mask, [b, f, 1, 1, 1]), &device);
-    let t5 = t.clone().reshape([b, f, 1, 1, 1]);
+    let t5 = Tensor::<B, 5>::from_data(TensorData::new(t.clone(), [b, f, 1, 1, 1]), &device);
     let xt = batch.x0.clone() * (t5.clone().neg() + 1.0) + noise.clone() * t5;
     let target = noise - batch.x0.clone();
     let cond = world.cond(batch.actions.as_ref());
-    let v = world.dit.forward(xt, t, cond);
-    let weights =
+    let anchor = anchors(&batch.x0, &last);
+    let v = velocity(&world.dit, xt, &t, anchor, cond, cfg.prediction, T_MIN);
+    let mut weights =
         motion_weights(batch.x0, cfg.motion, cfg.strength, cfg.temperature) * mask.clone();
+    if cfg.loss == LossOn::X0 {
+        let t2: Vec<f32> = t.iter().map(|&ti| ti.max(T_MIN).powi(2)).collect();
+        weights = weights * Tensor::<B, 5>::from_data(TensorData::new(t2, [b, f, 1, 1, 1]), &device);
+    }
     let se = (v - target).powf_scalar(2.0) * weights; // [B, F, C, H, W]
     let count = mask.sum() * (c * h * w) as f64;
     se.sum() / count
@@ -177,6 +298,11 @@ pub fn sample_frames<B: Backend>(
         &device,
     );
     let steps = cfg.sample_steps.max(1);
+    let anchor = if k == 0 {
+        Tensor::zeros([b, new, c, h, w], &device)
+    } else {
+        context.clone().narrow(1, k - 1, 1).repeat_dim(1, k + new)
+    };
     for i in 0..steps {
         let t_now = shifted(1.0 - i as f32 / steps as f32, cfg.shift);
         let t_next = shifted(1.0 - (i + 1) as f32 / steps as f32, cfg.shift);
@@ -186,9 +312,17 @@ pub fn sample_frames<B: Backend>(
                 times[bi * (k + new) + j] = t_now;
             }
         }
-        let times = Tensor::<B, 2>::from_data(TensorData::new(times, [b, k + new]), &device);
         let input = Tensor::cat(vec![context.clone(), x.clone()], 1);
-        let v = model.forward(input, times, cond.clone()).narrow(1, k, new);
+        let v = velocity(
+            model,
+            input,
+            &times,
+            anchor.clone(),
+            cond.clone(),
+            cfg.prediction,
+            1e-6,
+        )
+        .narrow(1, k, new);
         x = x + v * (t_next - t_now) as f64;
     }
     x.clamp(-1.0, 1.0)

@@ -41,6 +41,15 @@ pub struct FlowDitConfig {
     pub attention: AttentionLayout,
     /// Width of the sinusoidal time features.
     pub time_freqs: usize,
+    /// A linear path from the input patches to the output (see [`FlowDit`]); wanted
+    /// when the network predicts the velocity, which carries the input's noise, and not
+    /// when it predicts clean frames. Configs written before this field had it.
+    #[serde(default = "yes")]
+    pub input_skip: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl FlowDitConfig {
@@ -92,9 +101,11 @@ impl FlowDitConfig {
             final_proj: LinearConfig::new(d, self.patch_dim())
                 .with_initializer(Initializer::Zeros)
                 .init(device),
-            skip: LinearConfig::new(self.patch_dim(), self.patch_dim())
-                .with_initializer(Initializer::Zeros)
-                .init(device),
+            skip: self.input_skip.then(|| {
+                LinearConfig::new(self.patch_dim(), self.patch_dim())
+                    .with_initializer(Initializer::Zeros)
+                    .init(device)
+            }),
             patch: self.patch,
             heads: self.heads,
             factorized: self.attention == AttentionLayout::Factorized,
@@ -221,7 +232,7 @@ pub struct FlowDit<B: Backend> {
     /// Linear path from the input patches to the output. In pixel space a patch has
     /// more values (p*p*C) than the token width, and the velocity carries the noise of
     /// every value: without this path the transformer's width caps what it can predict.
-    skip: Linear<B>,
+    skip: Option<Linear<B>>,
     patch: usize,
     heads: usize,
     factorized: bool,
@@ -301,10 +312,12 @@ impl<B: Backend> FlowDit<B> {
         let m = self.final_mod.forward(silu(temb));
         let shift = m.clone().narrow(2, 0, d).unsqueeze_dim::<4>(2);
         let scale = m.narrow(2, d, d).unsqueeze_dim::<4>(2);
-        let out = self
+        let mut out = self
             .final_proj
-            .forward(modulate(self.final_norm.forward(x), shift, scale))
-            + self.skip.forward(patches);
+            .forward(modulate(self.final_norm.forward(x), shift, scale));
+        if let Some(skip) = &self.skip {
+            out = out + skip.forward(patches);
+        }
         self.unpatchify(out, c, h, w)
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::embedders::ActionBatch;
-use crate::flow::{flow_loss, frames_to_tensor, FlowBatch, LossConfig, WorldModel};
+use crate::flow::{flow_loss, frames_to_tensor, FlowBatch, FlowConfig, LossConfig, WorldModel};
 use crate::motion_loss::MotionLoss;
 use crate::{ModelError, Result};
 use burn::grad_clipping::GradientClippingConfig;
@@ -142,7 +142,7 @@ pub fn train<B: AutodiffBackend>(
     mut world: WorldModel<B>,
     cfg: &TrainConfig,
     data: &ClipSource,
-    shift: f32,
+    flow: &FlowConfig,
     opts: RunOptions<'_>,
 ) -> Result<WorldModel<B>> {
     let device = world.dit.devices().first().cloned().unwrap_or_default();
@@ -177,7 +177,9 @@ pub fn train<B: AutodiffBackend>(
         motion: cfg.motion_loss,
         strength: cfg.motion_strength,
         temperature: cfg.motion_temperature,
-        shift,
+        shift: flow.shift,
+        prediction: flow.prediction,
+        loss: flow.loss,
     };
     let mut log = OpenOptions::new()
         .create(true)

@@ -77,6 +77,7 @@ fn tiny() -> FlowDitConfig {
         max_frames: 4,
         attention: AttentionLayout::Factorized,
         time_freqs: 16,
+        input_skip: false,
     }
 }
 
@@ -166,4 +167,45 @@ fn minilm_matches_the_reference() {
             .fold(0.0, f32::max);
         assert!(worst < 1e-4, "{s}: max difference {worst}");
     }
+}
+
+#[test]
+fn untrained_x0_model_predicts_the_last_context_frame_and_velocity_model_does_not() {
+    use dws_models::flow::{sample_frames, FlowConfig, Prediction};
+    use rand::SeedableRng;
+    let device = dev();
+    let model = tiny().init::<B>(&device);
+    let context = Tensor::<B, 5>::random(
+        [2, 2, 3, 16, 16],
+        burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
+    let last = context.clone().narrow(1, 1, 1).repeat_dim(1, 3);
+    let run = |prediction| {
+        let cfg = FlowConfig {
+            shift: 3.0,
+            sample_steps: 5,
+            prediction,
+            ..FlowConfig::default()
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        sample_frames(&model, context.clone(), 3, None, &cfg, &mut rng)
+    };
+    // A fresh network outputs zeros (adaLN-Zero, zero-initialised projections): as a
+    // clean-frame change that is "nothing moves", so every Euler step pulls the noise
+    // onto the last context frame and the last step lands on it.
+    let gap: f32 = (run(Prediction::X0) - last.clone())
+        .abs()
+        .max()
+        .into_scalar();
+    assert!(gap < 1e-4, "x0 sampling left {gap} from the anchor");
+    // As a velocity, zero leaves the noise where it started.
+    let gap: f32 = (run(Prediction::Velocity) - last)
+        .abs()
+        .mean()
+        .into_scalar();
+    assert!(
+        gap > 0.3,
+        "velocity sampling came out near the anchor ({gap})"
+    );
 }

@@ -106,6 +106,8 @@ impl crate::device::Job for TrainBench {
             strength: cfg.motion_strength,
             temperature: cfg.motion_temperature,
             shift: preset.flow.shift,
+            prediction: preset.flow.prediction,
+            loss: preset.flow.loss,
         };
         let mut times = Vec::new();
         for i in 0..=self.steps {

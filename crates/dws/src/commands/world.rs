@@ -4,21 +4,19 @@
 //! `checkpoints/`. `pretrain` trains the action-free base video model on one or more
 //! datasets; `finetune` loads a base, attaches the DWS action modules and embedder and
 //! trains on one dataset with the motion-reinforced loss; `predict` rolls a checkpoint
-//! out on a dataset episode and writes ground truth and prediction side by side.
+//! out (see `predict.rs`).
 
 use crate::device::{dispatch, DeviceArg, Job};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use dws_data::{ActionSpace, Actions, ClipSampler, Dataset};
+use dws_data::{ActionSpace, ClipSampler, Dataset};
 use dws_models::checkpoint;
-use dws_models::embedders::{ActionBatch, ActionKind, EmbedderConfig, EmbedderKind};
-use dws_models::flow::{frames_to_tensor, rollout, tensor_to_frames, FlowConfig, WorldModel};
+use dws_models::embedders::{ActionKind, EmbedderConfig, EmbedderKind};
+use dws_models::flow::{FlowConfig, WorldModel};
 use dws_models::flow_dit::FlowDitConfig;
 use dws_models::motion_loss::MotionLoss;
 use dws_models::train::{train, ClipSource, RunOptions, StepLog, TrainConfig};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -300,7 +298,7 @@ impl Job for TrainJob {
             world,
             &cfg.train,
             &data,
-            cfg.flow.shift,
+            &cfg.flow,
             RunOptions {
                 resume: resuming,
                 stop_after: self.flags.stop_after,
@@ -441,202 +439,4 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             base: Some(args.base),
         },
     )
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct PredictArgs {
-    /// A run directory or checkpoint.
-    #[arg(long)]
-    pub ckpt: PathBuf,
-    /// Dataset to take the episode (start frames and actions) from.
-    #[arg(long)]
-    pub data: PathBuf,
-    #[arg(long, default_value_t = 0)]
-    pub episode: usize,
-    /// Take the actions from this episode instead (same start, other actions).
-    #[arg(long)]
-    pub actions_from: Option<usize>,
-    /// Context frames given to the model.
-    #[arg(long, default_value_t = 1)]
-    pub context: usize,
-    /// Frames to predict.
-    #[arg(long, default_value_t = 15)]
-    pub horizon: usize,
-    /// Output GIF (ground truth | prediction | difference).
-    #[arg(long)]
-    pub out: PathBuf,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceArg,
-}
-
-/// Prediction errors of one rollout.
-#[derive(Debug, Clone, Serialize)]
-pub struct PredictReport {
-    pub mse_per_frame: Vec<f64>,
-    pub psnr_per_frame: Vec<f64>,
-    pub mean_mse: f64,
-    pub mean_psnr: f64,
-}
-
-/// Which rollout [`predict_episode`] makes.
-#[derive(Debug, Clone, Copy)]
-pub struct RolloutSpec {
-    pub episode: usize,
-    /// Take the actions from this episode instead.
-    pub actions_from: Option<usize>,
-    pub context: usize,
-    pub horizon: usize,
-    pub seed: u64,
-}
-
-/// Predicted frames `[horizon, H, W, 3]` for one episode, and the ground truth.
-pub fn predict_episode<B: Backend>(
-    cfg: &RunConfig,
-    world: &WorldModel<B>,
-    ds: &Dataset,
-    spec: RolloutSpec,
-    device: &B::Device,
-) -> Result<(Vec<u8>, Vec<u8>)> {
-    let RolloutSpec {
-        episode,
-        actions_from,
-        context,
-        horizon,
-        seed,
-    } = spec;
-    let ep = ds.read_episode(episode)?;
-    let need = context + horizon;
-    if ep.num_frames() < need {
-        bail!(
-            "episode {episode} of {} has {} frames; --context {context} --horizon {horizon} needs {need}",
-            ds.dir().display(),
-            ep.num_frames()
-        );
-    }
-    let act_ep = match actions_from {
-        Some(j) => ds.read_episode(j)?,
-        None => ep.clone(),
-    };
-    let n_actions = context - 1 + horizon;
-    if act_ep.steps() < n_actions {
-        bail!(
-            "the action episode has {} actions; {n_actions} are needed",
-            act_ep.steps()
-        );
-    }
-    let [h, w, c] = ep.frame_shape;
-    let f = ep.frame_len();
-    let ctx = frames_to_tensor::<B>(&ep.frames[..context * f], [1, context, h, w, c], device);
-    let actions = match &act_ep.actions {
-        Actions::Discrete(ids) => ActionBatch::Discrete(Tensor::<B, 2, Int>::from_data(
-            TensorData::new(
-                ids[..n_actions]
-                    .iter()
-                    .map(|&a| a as i64)
-                    .collect::<Vec<_>>(),
-                [1, n_actions],
-            ),
-            device,
-        )),
-        Actions::Continuous { dim, data } => ActionBatch::Continuous(Tensor::<B, 3>::from_data(
-            TensorData::new(data[..n_actions * dim].to_vec(), [1, n_actions, *dim]),
-            device,
-        )),
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let window = cfg.train.clip_len.min(cfg.model.max_frames);
-    let pred = rollout(
-        world,
-        ctx,
-        Some(&actions),
-        horizon,
-        window,
-        &cfg.flow,
-        &mut rng,
-    );
-    let truth = ep.frames[context * f..need * f].to_vec();
-    Ok((tensor_to_frames(pred), truth))
-}
-
-pub fn errors(pred: &[u8], truth: &[u8], frame_len: usize) -> PredictReport {
-    let mse: Vec<f64> = pred
-        .chunks(frame_len)
-        .zip(truth.chunks(frame_len))
-        .map(|(p, t)| {
-            p.iter()
-                .zip(t)
-                .map(|(a, b)| {
-                    let d = (*a as f64 - *b as f64) / 255.0;
-                    d * d
-                })
-                .sum::<f64>()
-                / frame_len as f64
-        })
-        .collect();
-    let psnr: Vec<f64> = mse
-        .iter()
-        .map(|m| 10.0 * (1.0 / m.max(1e-10)).log10())
-        .collect();
-    PredictReport {
-        mean_mse: mse.iter().sum::<f64>() / mse.len().max(1) as f64,
-        mean_psnr: psnr.iter().sum::<f64>() / psnr.len().max(1) as f64,
-        mse_per_frame: mse,
-        psnr_per_frame: psnr,
-    }
-}
-
-struct PredictJob(PredictArgs);
-
-impl Job for PredictJob {
-    type Out = PredictReport;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<PredictReport> {
-        let a = self.0;
-        let (cfg, world, ckpt) = load_world::<B::InnerBackend>(&a.ckpt, &device)?;
-        let ds = Dataset::open(&a.data)?;
-        let spec = RolloutSpec {
-            episode: a.episode,
-            actions_from: a.actions_from,
-            context: a.context,
-            horizon: a.horizon,
-            seed: a.seed,
-        };
-        let (pred, truth) = predict_episode(&cfg, &world, &ds, spec, &device)?;
-        let [h, w, _] = ds.header().frame_shape;
-        let report = errors(&pred, &truth, h * w * 3);
-        // Reference: repeating the last context frame for every predicted frame.
-        let ep = ds.read_episode(a.episode)?;
-        let last = ep.frame(a.context - 1);
-        let copy: Vec<u8> = (0..a.horizon).flat_map(|_| last.iter().copied()).collect();
-        let baseline = errors(&copy, &truth, h * w * 3);
-        crate::report::write_side_by_side_gif(&a.out, &truth, &pred, h, w, 3)?;
-        println!(
-            "predicted {} frames of episode {} from {} ({}): mean MSE {:.5}, mean PSNR {:.2} dB",
-            a.horizon,
-            a.episode,
-            ckpt.display(),
-            if cfg.dws.is_some() {
-                "with actions"
-            } else {
-                "no actions"
-            },
-            report.mean_mse,
-            report.mean_psnr
-        );
-        println!(
-            "reference (repeat the last context frame): mean MSE {:.5}, mean PSNR {:.2} dB",
-            baseline.mean_mse, baseline.mean_psnr
-        );
-        println!(
-            "wrote {} (ground truth | prediction | difference)",
-            a.out.display()
-        );
-        Ok(report)
-    }
-}
-
-pub fn predict(args: PredictArgs) -> Result<PredictReport> {
-    let device = args.device;
-    dispatch(device, PredictJob(args))
 }
