@@ -109,4 +109,64 @@ fn pretrain_finetune_predict_and_exact_resume() {
     );
     let bytes = std::fs::read(&gif).unwrap();
     assert_eq!(&bytes[..6], b"GIF89a");
+    let png = std::fs::read(tmp.path().join("pred.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+
+    // Several episodes, and the same start under another episode's actions: the truth
+    // of that counterfactual comes from replaying the actions in the environment.
+    let json = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join(name)).unwrap()).unwrap()
+    };
+    let args = |out: &str, extra: &[&str]| {
+        let mut v: Vec<String> = [
+            "predict",
+            "--ckpt",
+            &p("full"),
+            "--data",
+            &p("push"),
+            "--horizon",
+            "6",
+            "--out",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.push(p(out));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |out: &str, extra: &[&str]| {
+        let a = args(out, extra);
+        dws(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    run("all.gif", &["--episodes", "4"]);
+    let all = json("all.json");
+    assert_eq!(all["episodes"].as_array().unwrap().len(), 4);
+    let text = run("own.gif", &["--episode", "0"]);
+    assert!(text.contains("repeat last frame"), "{text}");
+    let text = run("other.gif", &["--episode", "0", "--actions-from", "2"]);
+    assert!(text.contains("truth replayed"), "{text}");
+    let (own, other) = (json("own.json"), json("other.json"));
+    assert_eq!(own["episodes"][0]["truth"], "recorded");
+    assert_eq!(other["episodes"][0]["truth"], "replayed");
+    // Same first frame, so the repeat-frame reference differs only through the truth:
+    // other actions moved the arm elsewhere.
+    assert_ne!(
+        own["episodes"][0]["repeat_last"]["mse_per_frame"],
+        other["episodes"][0]["repeat_last"]["mse_per_frame"]
+    );
+
+    // Bad requests are refused with the reason.
+    let bad = |extra: &[&str]| {
+        let a = args("bad.gif", extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_dws"))
+            .args(&a)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(bad(&["--episodes", "9"]).contains("has 4 episodes"));
+    assert!(bad(&["--actions-from", "1", "--episodes", "2"]).contains("--episodes 1"));
+    assert!(bad(&["--sample-steps", "0"]).contains("at least 1"));
 }

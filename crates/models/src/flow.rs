@@ -274,7 +274,8 @@ pub fn flow_loss<B: Backend>(
         motion_weights(batch.x0, cfg.motion, cfg.strength, cfg.temperature) * mask.clone();
     if cfg.loss == LossOn::X0 {
         let t2: Vec<f32> = t.iter().map(|&ti| ti.max(T_MIN).powi(2)).collect();
-        weights = weights * Tensor::<B, 5>::from_data(TensorData::new(t2, [b, f, 1, 1, 1]), &device);
+        weights =
+            weights * Tensor::<B, 5>::from_data(TensorData::new(t2, [b, f, 1, 1, 1]), &device);
     }
     let se = (v - target).powf_scalar(2.0) * weights; // [B, F, C, H, W]
     let count = mask.sum() * (c * h * w) as f64;

@@ -85,6 +85,11 @@ pub struct EpisodeReport {
     pub model: Errors,
     /// Repeating the last context frame.
     pub repeat_last: Errors,
+    /// With other actions: the prediction against the episode as recorded (its own
+    /// actions). A model that follows the actions it is given is closer to the replayed
+    /// truth than to this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_vs_recorded: Option<Errors>,
 }
 
 /// What `dws predict` measured (also written as JSON beside the GIF).
@@ -200,9 +205,10 @@ fn replay(ds: &Dataset, episode: usize, recorded: &[u8], actions: &[Action]) -> 
 struct Rollout {
     episode: usize,
     actions_from: usize,
-    replayed: bool,
     /// Frames `0..context + horizon` (ground truth).
     truth: Vec<u8>,
+    /// The episode's own frames when `truth` was replayed with other actions.
+    recorded: Option<Vec<u8>>,
     actions: Actions,
 }
 
@@ -308,15 +314,15 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
                     &recorded,
                     &to_env_actions(&other.actions, n_actions),
                 )?;
-                (j, other.actions, truth, true)
+                (j, other.actions, truth, Some(recorded))
             }
-            _ => (i, ep.actions.clone(), recorded, false),
+            _ => (i, ep.actions.clone(), recorded, None),
         };
         eps.push(Rollout {
             episode: i,
             actions_from,
-            replayed,
             truth,
+            recorded: replayed,
             actions,
         });
     }
@@ -347,9 +353,17 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
         reports.push(EpisodeReport {
             episode: r.episode,
             actions_from: r.actions_from,
-            truth: if r.replayed { "replayed" } else { "recorded" },
+            truth: if r.recorded.is_some() {
+                "replayed"
+            } else {
+                "recorded"
+            },
             model: errors(pred, truth, f),
             repeat_last: errors(&copy, truth, f),
+            model_vs_recorded: r
+                .recorded
+                .as_ref()
+                .map(|rec| errors(pred, &rec[a.context * f..], f)),
         });
     }
     let shown: Vec<Pair<'_>> = eps
@@ -396,6 +410,12 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
             r.repeat_last.mean_mse,
             r.repeat_last.mean_psnr
         );
+        if let Some(e) = &r.model_vs_recorded {
+            println!(
+                "      the same prediction against episode {} as recorded (its own actions): MSE {:.5}  PSNR {:6.2} dB",
+                r.episode, e.mean_mse, e.mean_psnr
+            );
+        }
     }
     println!(
         "predicted {} frames from {} context frame(s) of {} episode(s) with {} ({}, {} Euler steps): mean MSE {:.5}, mean PSNR {:.2} dB",
