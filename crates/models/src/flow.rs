@@ -259,6 +259,7 @@ pub fn flow_loss<B: Backend>(
             mask[i * f + j] = 1.0;
         }
     }
+    let anchor = anchors(&batch.x0, &last);
     let noise = Tensor::<B, 5>::from_data(
         TensorData::new(normal(rng, b * f * c * h * w), [b, f, c, h, w]),
         &device,
@@ -268,7 +269,6 @@ pub fn flow_loss<B: Backend>(
     let xt = batch.x0.clone() * (t5.clone().neg() + 1.0) + noise.clone() * t5;
     let target = noise - batch.x0.clone();
     let cond = world.cond(batch.actions.as_ref());
-    let anchor = anchors(&batch.x0, &last);
     let v = velocity(&world.dit, xt, &t, anchor, cond, cfg.prediction, T_MIN);
     let mut weights =
         motion_weights(batch.x0, cfg.motion, cfg.strength, cfg.temperature) * mask.clone();
@@ -294,16 +294,16 @@ pub fn sample_frames<B: Backend>(
 ) -> Tensor<B, 5> {
     let [b, k, c, h, w] = context.dims();
     let device = context.device();
+    let anchor = if k == 0 {
+        Tensor::zeros([b, k + new, c, h, w], &device)
+    } else {
+        context.clone().narrow(1, k - 1, 1).repeat_dim(1, k + new)
+    };
     let mut x = Tensor::<B, 5>::from_data(
         TensorData::new(normal(rng, b * new * c * h * w), [b, new, c, h, w]),
         &device,
     );
     let steps = cfg.sample_steps.max(1);
-    let anchor = if k == 0 {
-        Tensor::zeros([b, new, c, h, w], &device)
-    } else {
-        context.clone().narrow(1, k - 1, 1).repeat_dim(1, k + new)
-    };
     for i in 0..steps {
         let t_now = shifted(1.0 - i as f32 / steps as f32, cfg.shift);
         let t_next = shifted(1.0 - (i + 1) as f32 / steps as f32, cfg.shift);
@@ -329,13 +329,15 @@ pub fn sample_frames<B: Backend>(
     x.clamp(-1.0, 1.0)
 }
 
-/// Autoregressive rollout: predicts one frame at a time from a sliding window of at most
-/// `window` frames, for as many frames as there are actions after the context (or
-/// `horizon` frames for an action-free model). Returns the predicted frames
-/// `[B, horizon, C, H, W]`.
+/// Autoregressive rollout with a sliding window of `window` frames (the training clip
+/// length): every model call sees a full window, as in training. While the history is
+/// shorter than the window, the missing frames are generated jointly from what there is
+/// (one context frame: `window - 1` new frames at once); after that each call conditions
+/// on the last `window - 1` frames and adds one. Runs until `horizon` frames are made.
+/// Returns the predicted frames `[B, horizon, C, H, W]`.
 ///
 /// `actions` holds, per clip, the action taken after each frame from the first context
-/// frame on: `K - 1 + horizon` of them.
+/// frame on: `K - 1 + horizon` of them (ignored by an action-free model).
 pub fn rollout<B: Backend>(
     world: &WorldModel<B>,
     context: Tensor<B, 5>,
@@ -347,21 +349,49 @@ pub fn rollout<B: Backend>(
 ) -> Tensor<B, 5> {
     let window = window.max(2);
     let mut frames: Vec<Tensor<B, 5>> = context.clone().chunk(context.dims()[1], 1);
-    let mut out = Vec::with_capacity(horizon);
-    for _ in 0..horizon {
+    let mut made = 0;
+    while made < horizon {
         let total = frames.len();
         let start = total.saturating_sub(window - 1);
         let ctx = Tensor::cat(frames[start..].to_vec(), 1);
-        // Actions between the window's frames and into the new one.
-        let n = total - start;
+        let k = total - start;
+        let new = (window - k).min(horizon - made);
+        // Actions between the window's frames and into the new ones.
+        let n = k + new - 1;
         let sub = actions.map(|a| match a {
             ActionBatch::Discrete(ids) => ActionBatch::Discrete(ids.clone().narrow(1, start, n)),
             ActionBatch::Continuous(v) => ActionBatch::Continuous(v.clone().narrow(1, start, n)),
         });
         let cond = world.cond(sub.as_ref());
-        let next = sample_frames(&world.dit, ctx, 1, cond, cfg, rng);
-        frames.push(next.clone());
-        out.push(next);
+        let next = sample_frames(&world.dit, ctx, new, cond, cfg, rng);
+        frames.extend(next.chunk(new, 1));
+        made += new;
     }
-    Tensor::cat(out, 1)
+    let k = context.dims()[1];
+    Tensor::cat(frames[k..].to_vec(), 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn anchors_copy_each_clips_last_context_frame() {
+        let device = Default::default();
+        // A permuted (non-contiguous) clip batch, as `frames_to_tensor` makes.
+        let frames: Vec<u8> = (0..2 * 3 * 4 * 4 * 3)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let x = frames_to_tensor::<Flex>(&frames, [2, 3, 4, 4, 3], &device);
+        let got = anchors(&x, &[1, 2]);
+        for (i, &k) in [1usize, 2].iter().enumerate() {
+            let want = x.clone().narrow(0, i, 1).narrow(1, k, 1).repeat_dim(1, 3);
+            let gap: f32 = (got.clone().narrow(0, i, 1) - want)
+                .abs()
+                .max()
+                .into_scalar();
+            assert_eq!(gap, 0.0, "clip {i}");
+        }
+    }
 }

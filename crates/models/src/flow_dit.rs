@@ -12,7 +12,7 @@ use crate::action_module::{ActionModule, ActionModuleConfig};
 use burn::module::{Initializer, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, silu};
+use burn::tensor::activation::{gelu, sigmoid, silu};
 use burn::tensor::module::attention;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +46,13 @@ pub struct FlowDitConfig {
     /// when it predicts clean frames. Configs written before this field had it.
     #[serde(default = "yes")]
     pub input_skip: bool,
+    /// A learned per-token gate in [0, 1] on the output (sigmoid of a linear map of the
+    /// final token). With clean-frame prediction anchored on the last frame, most tokens
+    /// should output exactly nothing, but every token carries its input noise through
+    /// the residual stream; the gate lets a token shut its output off. Configs written
+    /// before this field had none.
+    #[serde(default)]
+    pub output_gate: bool,
 }
 
 fn yes() -> bool {
@@ -82,14 +89,10 @@ impl FlowDitConfig {
 
     pub fn init<B: Backend>(&self, device: &B::Device) -> FlowDit<B> {
         let d = self.width;
-        let small = Initializer::Normal {
-            mean: 0.0,
-            std: 0.02,
-        };
         FlowDit {
             patch_embed: LinearConfig::new(self.patch_dim(), d).init(device),
-            pos_space: small.init([self.tokens_per_frame(), d], device),
-            pos_time: small.init([self.max_frames, d], device),
+            pos_space: Param::from_tensor(sincos_2d::<B>(self.image_size / self.patch, d, device)),
+            pos_time: Param::from_tensor(sincos_1d::<B>(self.max_frames, d, device)),
             time_in: LinearConfig::new(self.time_freqs, d).init(device),
             time_out: LinearConfig::new(d, d).init(device),
             blocks: (0..self.depth).map(|_| self.block(device)).collect(),
@@ -98,6 +101,11 @@ impl FlowDitConfig {
             final_mod: LinearConfig::new(d, 2 * d)
                 .with_initializer(Initializer::Zeros)
                 .init(device),
+            gate: self.output_gate.then(|| {
+                LinearConfig::new(d, 1)
+                    .with_initializer(Initializer::Zeros)
+                    .init(device)
+            }),
             final_proj: LinearConfig::new(d, self.patch_dim())
                 .with_initializer(Initializer::Zeros)
                 .init(device),
@@ -229,6 +237,8 @@ pub struct FlowDit<B: Backend> {
     final_norm: LayerNorm<B>,
     final_mod: Linear<B>,
     final_proj: Linear<B>,
+    /// Per-token output gate (see [`FlowDitConfig::output_gate`]).
+    gate: Option<Linear<B>>,
     /// Linear path from the input patches to the output. In pixel space a patch has
     /// more values (p*p*C) than the token width, and the velocity carries the noise of
     /// every value: without this path the transformer's width caps what it can predict.
@@ -237,6 +247,42 @@ pub struct FlowDit<B: Backend> {
     heads: usize,
     factorized: bool,
     time_freqs: usize,
+}
+
+/// Sine-cosine features of positions `0..n` (`[n, d]`, half sines, half cosines), the
+/// starting value of the learned positions: nearby positions start with similar vectors,
+/// so attention can find a token's neighbours from the first step (with small random
+/// positions it has to learn the layout from scratch).
+fn sincos(n: usize, d: usize) -> Vec<f32> {
+    let half = d / 2;
+    let mut out = vec![0f32; n * d];
+    for p in 0..n {
+        for i in 0..half {
+            let freq = (-(10_000f32.ln()) * i as f32 / half as f32).exp();
+            out[p * d + i] = (p as f32 * freq).sin();
+            out[p * d + half + i] = (p as f32 * freq).cos();
+        }
+    }
+    out
+}
+
+fn sincos_1d<B: Backend>(n: usize, d: usize, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(sincos(n, d), [n, d]), device)
+}
+
+/// Rows and columns of a `side x side` grid, each in half of the width.
+fn sincos_2d<B: Backend>(side: usize, d: usize, device: &B::Device) -> Tensor<B, 2> {
+    let half = d / 2;
+    let axis = sincos(side, half);
+    let mut out = vec![0f32; side * side * d];
+    for r in 0..side {
+        for c in 0..side {
+            let o = (r * side + c) * d;
+            out[o..o + half].copy_from_slice(&axis[r * half..(r + 1) * half]);
+            out[o + half..o + d].copy_from_slice(&axis[c * half..(c + 1) * half]);
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [side * side, d]), device)
 }
 
 /// Sinusoidal features of flow times `[B, F]` in [0, 1] → `[B, F, freqs]`.
@@ -312,9 +358,11 @@ impl<B: Backend> FlowDit<B> {
         let m = self.final_mod.forward(silu(temb));
         let shift = m.clone().narrow(2, 0, d).unsqueeze_dim::<4>(2);
         let scale = m.narrow(2, d, d).unsqueeze_dim::<4>(2);
-        let mut out = self
-            .final_proj
-            .forward(modulate(self.final_norm.forward(x), shift, scale));
+        let top = modulate(self.final_norm.forward(x), shift, scale);
+        let mut out = match &self.gate {
+            Some(gate) => self.final_proj.forward(top.clone()) * sigmoid(gate.forward(top)),
+            None => self.final_proj.forward(top),
+        };
         if let Some(skip) = &self.skip {
             out = out + skip.forward(patches);
         }

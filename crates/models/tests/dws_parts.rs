@@ -78,6 +78,7 @@ fn tiny() -> FlowDitConfig {
         attention: AttentionLayout::Factorized,
         time_freqs: 16,
         input_skip: false,
+        output_gate: true,
     }
 }
 
