@@ -50,8 +50,13 @@ pub fn write_side_by_side_gif(
     w: usize,
     c: usize,
 ) -> Result<()> {
+    anyhow::ensure!(
+        !rows.is_empty(),
+        "no rollouts to draw into {}",
+        path.display()
+    );
     let f = h * w * c;
-    let frames = rows.first().map_or(0, |r| r.truth.len() / f);
+    let frames = rows[0].truth.len() / f;
     let (cw, ch) = (w * SCALE, h * SCALE);
     let width = 3 * cw + 2 * GAP;
     let height = rows.len() * (ch + GAP) - GAP;
@@ -87,8 +92,13 @@ pub fn write_filmstrip_png(
     c: usize,
 ) -> Result<()> {
     const S: usize = 2;
+    anyhow::ensure!(
+        !rows.is_empty(),
+        "no rollouts to draw into {}",
+        path.display()
+    );
     let f = h * w * c;
-    let frames = rows.first().map_or(0, |r| r.truth.len() / f);
+    let frames = rows[0].truth.len() / f;
     let (cw, ch) = (w * S, h * S);
     let width = frames * (cw + GAP) - GAP;
     let height = rows.len() * (2 * ch + 3 * GAP) - 2 * GAP;

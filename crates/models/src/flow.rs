@@ -36,19 +36,6 @@ pub enum Prediction {
     X0,
 }
 
-impl std::str::FromStr for Prediction {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "velocity" => Ok(Self::Velocity),
-            "x0" => Ok(Self::X0),
-            other => Err(format!(
-                "unknown prediction `{other}` (expected velocity or x0)"
-            )),
-        }
-    }
-}
-
 /// Which error the training loss squares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -60,17 +47,6 @@ pub enum LossOn {
     /// `max(t, T_MIN)^2`, which weighs the noisiest times, where a few-step sampler makes
     /// its largest moves, as much as the cleanest.
     X0,
-}
-
-impl std::str::FromStr for LossOn {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "velocity" => Ok(Self::Velocity),
-            "x0" => Ok(Self::X0),
-            other => Err(format!("unknown loss `{other}` (expected velocity or x0)")),
-        }
-    }
 }
 
 /// Smallest flow time dividing `x_t - x0_hat` when the velocity is derived from a clean-

@@ -229,7 +229,7 @@ pub fn run(args: Args) -> Result<()> {
         gif.with_extension("png").display()
     );
     if preset == "debug" {
-        println!("The debug preset trains for about a minute: expect noisy predictions. `--preset small` trains the larger small model (about 35 minutes on 2 cores; its quality is not measured yet).");
+        println!("The debug preset trains for under a minute: it shows the pipeline, not a useful model. `--preset small` trains the larger small model (about 30 minutes on 2 cores); it does not beat the repeat-frame reference yet either (README, Status).");
     }
     println!(
         "done in {:.1} s. Next: `dws dataset info {}`, `dws envs`, `dws bench envs`.",
