@@ -8,11 +8,13 @@
 //! - `velocity`: the output is the velocity itself (Wan2.1, Open-Sora).
 //! - `x0`: the output is the clean frame, as a change from the last clean context frame
 //!   (`x0_hat = anchor + out`), and the velocity follows from it:
-//!   `v_hat = (x_t - x0_hat) / max(t, T_MIN)`. The loss is still on the velocity. In pixel
+//!   `v_hat = (x_t - x0_hat) / max(t, T_MIN)`. In pixel
 //!   space a clean frame is far easier for a narrow network to produce than the noise the
 //!   velocity carries (Li & He 2025, "Back to Basics: Let Denoising Generative Models
 //!   Denoise"), and anchoring on the last frame makes an untrained network predict
 //!   "nothing moves", the strong baseline of a world model, from which it learns changes.
+//!
+//! The loss squares the velocity error or, with [`LossOn::X0`], the clean-frame error.
 //!
 //! All randomness comes from a caller's ChaCha8 generator (on the CPU), so a run is
 //! reproducible and a resumed run continues the same random stream.
