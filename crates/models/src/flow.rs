@@ -83,14 +83,14 @@ impl Default for FlowConfig {
 
 /// The velocity the network implies for frames `x_t` `[B, F, C, H, W]` at flow times
 /// `t` (one per frame, row-major `[B, F]`). `anchor` (the last clean context frame at
-/// every position) is used by [`Prediction::X0`] only, as is `t_min`, the smallest time
+/// every position) is needed by [`Prediction::X0`] only, as is `t_min`, the smallest time
 /// divided by ([`T_MIN`] in training; sampling never reaches `t = 0` on a noisy frame,
 /// and dividing by its exact time makes the last Euler step land on `x0_hat`).
 pub fn velocity<B: Backend>(
     model: &FlowDit<B>,
     xt: Tensor<B, 5>,
     t: &[f32],
-    anchor: Tensor<B, 5>,
+    anchor: Option<Tensor<B, 5>>,
     cond: Option<Tensor<B, 3>>,
     prediction: Prediction,
     t_min: f32,
@@ -104,6 +104,7 @@ pub fn velocity<B: Backend>(
         Prediction::X0 => {
             let inv: Vec<f32> = t.iter().map(|&ti| 1.0 / ti.max(t_min)).collect();
             let inv = Tensor::<B, 5>::from_data(TensorData::new(inv, [b, f, 1, 1, 1]), &device);
+            let anchor = anchor.expect("x0 prediction needs the anchor frames");
             (xt - anchor - out) * inv
         }
     }
@@ -237,7 +238,7 @@ pub fn flow_loss<B: Backend>(
             mask[i * f + j] = 1.0;
         }
     }
-    let anchor = anchors(&batch.x0, &last);
+    let anchor = (cfg.prediction == Prediction::X0).then(|| anchors(&batch.x0, &last));
     let noise = Tensor::<B, 5>::from_data(
         TensorData::new(normal(rng, b * f * c * h * w), [b, f, c, h, w]),
         &device,
@@ -272,11 +273,13 @@ pub fn sample_frames<B: Backend>(
 ) -> Tensor<B, 5> {
     let [b, k, c, h, w] = context.dims();
     let device = context.device();
-    let anchor = if k == 0 {
-        Tensor::zeros([b, k + new, c, h, w], &device)
-    } else {
-        context.clone().narrow(1, k - 1, 1).repeat_dim(1, k + new)
-    };
+    let anchor = (cfg.prediction == Prediction::X0).then(|| {
+        if k == 0 {
+            Tensor::zeros([b, k + new, c, h, w], &device)
+        } else {
+            context.clone().narrow(1, k - 1, 1).repeat_dim(1, k + new)
+        }
+    });
     let mut x = Tensor::<B, 5>::from_data(
         TensorData::new(normal(rng, b * new * c * h * w), [b, new, c, h, w]),
         &device,

@@ -48,6 +48,20 @@ pub struct TrainConfig {
     pub keep_last: usize,
 }
 
+impl TrainConfig {
+    /// The loss these settings and a flow config describe.
+    pub fn loss_config(&self, flow: &FlowConfig) -> LossConfig {
+        LossConfig {
+            motion: self.motion_loss,
+            strength: self.motion_strength,
+            temperature: self.motion_temperature,
+            shift: flow.shift,
+            prediction: flow.prediction,
+            loss: flow.loss,
+        }
+    }
+}
+
 /// One logged step.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepLog {
@@ -173,14 +187,7 @@ pub fn train<B: AutodiffBackend>(
     if opts.freeze_base {
         world = world.freeze_base();
     }
-    let loss_cfg = LossConfig {
-        motion: cfg.motion_loss,
-        strength: cfg.motion_strength,
-        temperature: cfg.motion_temperature,
-        shift: flow.shift,
-        prediction: flow.prediction,
-        loss: flow.loss,
-    };
+    let loss_cfg = cfg.loss_config(flow);
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)

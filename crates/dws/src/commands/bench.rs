@@ -101,14 +101,7 @@ impl crate::device::Job for TrainBench {
         let mut world = bench_world::<B>(&preset, &device)?;
         let mut optim = AdamWConfig::new().init::<B, dws_models::flow::WorldModel<B>>();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let loss_cfg = dws_models::flow::LossConfig {
-            motion: cfg.motion_loss,
-            strength: cfg.motion_strength,
-            temperature: cfg.motion_temperature,
-            shift: preset.flow.shift,
-            prediction: preset.flow.prediction,
-            loss: preset.flow.loss,
-        };
+        let loss_cfg = cfg.loss_config(&preset.flow);
         let mut times = Vec::new();
         for i in 0..=self.steps {
             let clips = random_clips(cfg.batch, cfg.clip_len, &mut rng);

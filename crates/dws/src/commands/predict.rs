@@ -18,7 +18,7 @@ use burn::tensor::backend::AutodiffBackend;
 use dws_data::{Actions, Dataset};
 use dws_envs::{Action, EnvConfig};
 use dws_models::embedders::ActionBatch;
-use dws_models::flow::{frames_to_tensor, rollout, tensor_to_frames, WorldModel};
+use dws_models::flow::{frames_to_tensor, rollout, tensor_to_frames};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -169,7 +169,13 @@ fn simulate(config: &EnvConfig, seed: u64, actions: &[Action]) -> Result<Option<
 
 /// What `actions` do from the start of `episode`, found by replaying them in the
 /// environment: frames `[n + 1, H, W, 3]`.
-fn replay(ds: &Dataset, episode: usize, recorded: &[u8], actions: &[Action]) -> Result<Vec<u8>> {
+fn replay(
+    ds: &Dataset,
+    episode: usize,
+    recorded: &[u8],
+    own: &Actions,
+    actions: &[Action],
+) -> Result<Vec<u8>> {
     let header = ds.header();
     let entry = &ds.manifest().episodes[episode];
     let Some(seed) = entry.seed else {
@@ -183,8 +189,7 @@ fn replay(ds: &Dataset, episode: usize, recorded: &[u8], actions: &[Action]) -> 
         .with_context(|| format!("reading the env config of {}", ds.dir().display()))?;
     // The env must be deterministic for the replay to mean anything: its own actions
     // must give back the recorded frames.
-    let own = ds.read_episode(episode)?;
-    let own_actions = to_env_actions(&own.actions, actions.len());
+    let own_actions = to_env_actions(own, actions.len());
     let same = simulate(&config, seed, &own_actions)?;
     if same.as_deref() != Some(recorded) {
         bail!(
@@ -312,6 +317,7 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
                     &ds,
                     i,
                     &recorded,
+                    &ep.actions,
                     &to_env_actions(&other.actions, n_actions),
                 )?;
                 (j, other.actions, truth, Some(recorded))
@@ -339,7 +345,16 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
             .collect();
         let ctx = frames_to_tensor::<B>(&ctx, [b, a.context, h, w, c], &device);
         let actions = action_batch::<B>(chunk, n_actions, &device);
-        let pred = rollout_frames(&world, ctx, &actions, a.horizon, window, &cfg, &mut rng);
+        let pred = rollout(
+            &world,
+            ctx,
+            Some(&actions),
+            a.horizon,
+            window,
+            &cfg.flow,
+            &mut rng,
+        );
+        let pred = tensor_to_frames(pred);
         preds.extend(pred.chunks(a.horizon * f).map(|p| p.to_vec()));
         bar.inc(b as u64);
     }
@@ -440,20 +455,6 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
         json.display()
     );
     Ok(report)
-}
-
-/// Rolls the model out: u8 frames `[B, horizon, H, W, C]`.
-fn rollout_frames<B: Backend>(
-    world: &WorldModel<B>,
-    ctx: Tensor<B, 5>,
-    actions: &ActionBatch<B>,
-    horizon: usize,
-    window: usize,
-    cfg: &super::world::RunConfig,
-    rng: &mut ChaCha8Rng,
-) -> Vec<u8> {
-    let pred = rollout(world, ctx, Some(actions), horizon, window, &cfg.flow, rng);
-    tensor_to_frames(pred)
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
