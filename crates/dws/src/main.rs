@@ -4,6 +4,7 @@
 
 mod commands;
 mod device;
+mod plot;
 mod progress;
 mod report;
 
@@ -34,6 +35,11 @@ enum Command {
     Finetune(commands::world::FinetuneArgs),
     /// Roll a model out on a dataset episode; GIF of ground truth | prediction.
     Predict(commands::predict::PredictArgs),
+    /// Score a model on held-out clips (PSNR, SSIM, LPIPS, FVD) beside the repeat-last-frame
+    /// reference; writes metrics.json, plots, GIFs and an HTML report.
+    Eval(commands::eval::EvalArgs),
+    /// Tabulate several evals (ablations) side by side.
+    Compare(commands::eval::CompareArgs),
     /// Inspect, preview and export episode datasets.
     #[command(subcommand)]
     Dataset(commands::dataset::Command),
@@ -65,6 +71,8 @@ fn main() {
         Command::Pretrain(a) => commands::world::pretrain(a),
         Command::Finetune(a) => commands::world::finetune(a),
         Command::Predict(a) => commands::predict::predict(a).map(|_| ()),
+        Command::Eval(a) => commands::eval::eval(a).map(|_| ()),
+        Command::Compare(a) => commands::eval::compare(a).map(|_| ()),
         Command::Dataset(c) => commands::dataset::run(c),
         Command::Envs(a) => commands::envs::run(a),
         Command::Assets(c) => commands::assets::run(c),

@@ -118,3 +118,93 @@ pub fn write_filmstrip_png(
     dws_data::write_png(path, width, height, &rgb)?;
     Ok(())
 }
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The page `dws eval` writes beside its files: a metrics table, the per-frame plots and
+/// the first `gifs` clips as ground truth | prediction | difference.
+pub fn eval_html(r: &crate::commands::eval::EvalReport, gifs: usize) -> String {
+    let fvd = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.1}"));
+    let row = |label: &str, s: &crate::commands::eval::Scores| {
+        format!(
+            "<tr><td>{}</td><td>{:.2}</td><td>{:.4}</td><td>{:.4}</td><td>{}</td></tr>",
+            escape(label),
+            s.psnr,
+            s.ssim,
+            s.lpips,
+            fvd(s.fvd)
+        )
+    };
+    let mut clips = String::new();
+    for k in 0..gifs {
+        let (ep, start) = r.picks[k];
+        clips += &format!(
+            "<figure><img src=\"gifs/clip{k:03}.gif\" alt=\"clip {k}\"><figcaption>clip {k}: episode {ep}, frames {}–{}</figcaption></figure>\n",
+            start + r.context,
+            start + r.context + r.horizon - 1
+        );
+    }
+    let note = r
+        .fvd_note
+        .as_ref()
+        .map(|n| format!("<p>FVD: {}</p>", escape(n)))
+        .unwrap_or_default();
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dws eval: {name}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+.plots, .clips {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+.plots figure {{ margin: 0; }} .plots img {{ width: 400px; }}
+.clips figure {{ margin: 0; }} .clips img {{ image-rendering: pixelated; }}
+figcaption {{ font-size: 0.85em; color: #555; }}
+.key {{ font-size: 0.9em; color: #555; }}
+</style></head><body>
+<h1>dws eval: {name}</h1>
+<p>{clips_n} held-out clips from <code>{data}</code> (seed {seed}): {context} context frame(s), {horizon} predicted, {steps} Euler step(s) per frame, model {actions}. Checkpoint <code>{ckpt}</code>. Took {secs:.0} s.</p>
+<table><tr><th></th><th>PSNR (dB) ↑</th><th>SSIM ↑</th><th>LPIPS ↓</th><th>FVD ↓</th></tr>
+{model_row}
+{ref_row}
+</table>
+<p class="key">PSNR, SSIM and LPIPS (AlexNet, v0.1) are means over clips and predicted frames; FVD (Kinetics-400 I3D) compares whole clips (context + prediction) with the ground-truth clips. The reference repeats the last context frame: a model that has learned no motion scores about the same.</p>
+{note}
+<h2>Per predicted frame</h2>
+<p class="key">Blue: model. Grey: repeat the last context frame. x: frame index in the clip.</p>
+<div class="plots">
+<figure><img src="psnr.png" alt="PSNR per frame"><figcaption>PSNR (dB)</figcaption></figure>
+<figure><img src="ssim.png" alt="SSIM per frame"><figcaption>SSIM</figcaption></figure>
+<figure><img src="lpips.png" alt="LPIPS per frame"><figcaption>LPIPS</figcaption></figure>
+</div>
+<h2>Clips</h2>
+<p class="key">Each: ground truth | prediction | absolute difference.</p>
+<div class="clips">
+{clips}</div>
+<p class="key">Numbers: <a href="metrics.json">metrics.json</a>.</p>
+</body></html>
+"#,
+        name = escape(&r.name),
+        clips_n = r.clips,
+        data = escape(&r.data.display().to_string()),
+        seed = r.seed,
+        context = r.context,
+        horizon = r.horizon,
+        steps = r.sample_steps,
+        actions = if r.with_actions {
+            "conditioned on actions"
+        } else {
+            "without actions"
+        },
+        ckpt = escape(&r.ckpt.display().to_string()),
+        secs = r.seconds,
+        model_row = row(&r.name, &r.model),
+        ref_row = row("repeat last frame", &r.repeat_last),
+    )
+}

@@ -3,6 +3,7 @@ pub mod bench;
 pub mod collect;
 pub mod dataset;
 pub mod envs;
+pub mod eval;
 pub mod predict;
 pub mod quickstart;
 pub mod world;

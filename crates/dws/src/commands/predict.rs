@@ -457,7 +457,7 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
     Ok(report)
 }
 
-fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
 }

@@ -1,0 +1,550 @@
+//! `dws eval`: scores a world model the way the field reports it (DWS paper, Table 1:
+//! PSNR, SSIM, LPIPS, FVD) on held-out clips, beside the "repeat the last context frame"
+//! reference, and writes `metrics.json`, per-frame plots, side-by-side GIFs and an HTML
+//! report that shows them. `dws compare` tabulates several evals.
+
+use crate::device::{dispatch, DeviceArg, Job};
+use crate::plot::{write_line_plot, Series};
+use crate::report::Pair;
+use anyhow::{bail, ensure, Context, Result};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use dws_data::{ClipSampler, Dataset};
+use dws_metrics::fvd::frechet_distance;
+use dws_metrics::i3d::{I3d, FEATURES, MIN_FRAMES};
+use dws_metrics::image::{psnr, ssim, Frame};
+use dws_metrics::lpips::Lpips;
+use dws_models::flow::{rollout, tensor_to_frames};
+use dws_models::train::to_flow_batch;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Clips rolled out together.
+const BATCH: usize = 16;
+/// Clips per I3D forward pass.
+const I3D_BATCH: usize = 4;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct EvalArgs {
+    /// A run directory or checkpoint.
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// Dataset the clips are drawn from; use episodes the model was not trained on.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Context frames given to the model.
+    #[arg(long, default_value_t = 1)]
+    pub context: usize,
+    /// Frames to predict.
+    #[arg(long, default_value_t = 15)]
+    pub horizon: usize,
+    /// Distinct clips drawn (uniformly over episodes and start frames). FVD needs at
+    /// least 2; the literature reports it on 256 or more.
+    #[arg(long, default_value_t = 32)]
+    pub clips: usize,
+    /// Seed of the clip draw and the sampler noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Euler steps per frame (default: the run's config).
+    #[arg(long)]
+    pub sample_steps: Option<usize>,
+    /// Output directory (default: `eval` inside the run directory).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Name shown by `dws compare` (default: the run directory's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Skip FVD (the I3D network is the slow part on a CPU).
+    #[arg(long)]
+    pub no_fvd: bool,
+    /// Clips drawn as GIFs in the report.
+    #[arg(long, default_value_t = 12)]
+    pub gifs: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
+/// The metrics of one predictor over the clips.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scores {
+    /// Means over clips and predicted frames.
+    pub psnr: f64,
+    pub ssim: f64,
+    pub lpips: f64,
+    /// Over whole clips (context + prediction) against the ground-truth clips; `None`
+    /// when skipped.
+    pub fvd: Option<f64>,
+    /// Means over clips, one per predicted frame.
+    pub psnr_per_frame: Vec<f64>,
+    pub ssim_per_frame: Vec<f64>,
+    pub lpips_per_frame: Vec<f64>,
+}
+
+/// `metrics.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub name: String,
+    pub ckpt: PathBuf,
+    pub data: PathBuf,
+    pub context: usize,
+    pub horizon: usize,
+    pub clips: usize,
+    pub seed: u64,
+    pub sample_steps: usize,
+    pub with_actions: bool,
+    /// (episode, first frame) of each clip.
+    pub picks: Vec<(usize, usize)>,
+    pub model: Scores,
+    /// Repeating the last context frame: what a model that has learned nothing about
+    /// motion scores.
+    pub repeat_last: Scores,
+    /// Why FVD is missing, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fvd_note: Option<String>,
+    pub seconds: f64,
+}
+
+struct EvalJob(EvalArgs);
+
+impl Job for EvalJob {
+    type Out = EvalReport;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<EvalReport> {
+        run::<B::InnerBackend>(self.0, device)
+    }
+}
+
+/// Runs `dws eval` and returns what it wrote into `metrics.json`.
+pub fn eval(args: EvalArgs) -> Result<EvalReport> {
+    let device = args.device;
+    dispatch(device, EvalJob(args))
+}
+
+/// The directory `dws eval` writes to.
+pub fn out_dir(args: &EvalArgs) -> PathBuf {
+    args.out
+        .clone()
+        .unwrap_or_else(|| super::world::run_of(&args.ckpt).join("eval"))
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// `[N, H, W, 3]` u8 → `[N, 3, H, W]` in [-1, 1].
+fn images<B: Backend>(
+    frames: &[u8],
+    n: usize,
+    h: usize,
+    w: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let v: Vec<f32> = frames.iter().map(|&x| x as f32 / 127.5 - 1.0).collect();
+    Tensor::<B, 4>::from_data(TensorData::new(v, [n, h, w, 3]), device).permute([0, 3, 1, 2])
+}
+
+/// `[B, T, H, W, 3]` u8 → `[B, T, 3, H, W]` in [0, 1].
+fn videos<B: Backend>(clips: &[u8], shape: [usize; 4], device: &B::Device) -> Tensor<B, 5> {
+    let [b, t, h, w] = shape;
+    let v: Vec<f32> = clips.iter().map(|&x| x as f32 / 255.0).collect();
+    Tensor::<B, 5>::from_data(TensorData::new(v, [b, t, h, w, 3]), device).permute([0, 1, 4, 2, 3])
+}
+
+/// Per-frame PSNR, SSIM and LPIPS of predicted frames against the truth, each
+/// `[clips, horizon, H, W, 3]`, averaged over clips.
+fn frame_scores<B: Backend>(
+    lpips: &Lpips<B>,
+    pred: &[u8],
+    truth: &[u8],
+    (clips, horizon, h, w): (usize, usize, usize, usize),
+    device: &B::Device,
+) -> Result<Scores> {
+    let f = h * w * 3;
+    let mut ps = vec![0.0; horizon];
+    let mut ss = vec![0.0; horizon];
+    let mut ls = vec![0.0; horizon];
+    let to_f32 = |s: &[u8]| s.iter().map(|&x| x as f32 / 255.0).collect::<Vec<f32>>();
+    for i in 0..clips * horizon {
+        let (a, b) = (
+            to_f32(&pred[i * f..(i + 1) * f]),
+            to_f32(&truth[i * f..(i + 1) * f]),
+        );
+        let (fa, fb) = (Frame::new(&a, h, w)?, Frame::new(&b, h, w)?);
+        ps[i % horizon] += psnr(&fa, &fb)? / clips as f64;
+        ss[i % horizon] += ssim(&fa, &fb)? / clips as f64;
+    }
+    // LPIPS in batches of whole clips.
+    for start in (0..clips).step_by(BATCH) {
+        let n = BATCH.min(clips - start) * horizon;
+        let r = start * horizon * f..(start * horizon + n) * f;
+        let d = lpips.distance(
+            images(&pred[r.clone()], n, h, w, device),
+            images(&truth[r], n, h, w, device),
+        )?;
+        for (k, v) in d
+            .into_data()
+            .to_vec::<f32>()
+            .expect("floats")
+            .into_iter()
+            .enumerate()
+        {
+            ls[k % horizon] += v as f64 / clips as f64;
+        }
+    }
+    Ok(Scores {
+        psnr: mean(&ps),
+        ssim: mean(&ss),
+        lpips: mean(&ls),
+        fvd: None,
+        psnr_per_frame: ps,
+        ssim_per_frame: ss,
+        lpips_per_frame: ls,
+    })
+}
+
+/// I3D features of clips `[B, T, H, W, 3]` u8, as `f64` rows of width 400.
+fn i3d_features<B: Backend>(
+    net: &I3d<B>,
+    clips: &[u8],
+    [b, t, h, w]: [usize; 4],
+    device: &B::Device,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<f64>> {
+    let per = t * h * w * 3;
+    let mut out = Vec::with_capacity(b * FEATURES);
+    for start in (0..b).step_by(I3D_BATCH) {
+        let n = I3D_BATCH.min(b - start);
+        let x = videos::<B>(&clips[start * per..(start + n) * per], [n, t, h, w], device);
+        let f = net.video_features(x)?;
+        out.extend(
+            f.into_data()
+                .to_vec::<f32>()
+                .expect("floats")
+                .into_iter()
+                .map(f64::from),
+        );
+        bar.inc(n as u64);
+    }
+    Ok(out)
+}
+
+fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
+    let started = Instant::now();
+    ensure!(
+        a.context >= 1 && a.horizon >= 1,
+        "--context and --horizon must be at least 1"
+    );
+    ensure!(a.clips >= 1, "--clips must be at least 1");
+    let want_fvd = !a.no_fvd;
+    if want_fvd && a.clips < 2 {
+        bail!("FVD compares sets of clips and needs --clips 2 or more (or pass --no-fvd)");
+    }
+    let (mut cfg, world, ckpt) = super::world::load_world::<B>(&a.ckpt, &device)?;
+    if let Some(s) = a.sample_steps {
+        ensure!(s >= 1, "--sample-steps must be at least 1");
+        cfg.flow.sample_steps = s;
+    }
+    let ds = Dataset::open(&a.data).with_context(|| format!("opening {}", a.data.display()))?;
+    let [h, w, c] = ds.header().frame_shape;
+    ensure!(
+        c == 3,
+        "{} has {c}-channel frames; the metrics need RGB",
+        ds.dir().display()
+    );
+    let need = a.context + a.horizon;
+    let sampler = ClipSampler::from_dataset(&ds, need)
+        .with_context(|| format!("drawing {need}-frame clips from {}", ds.dir().display()))?;
+    let available = sampler.num_clips();
+    if (a.clips as u64) > available {
+        bail!(
+            "{} holds {available} distinct {need}-frame clips; --clips {} asks for more",
+            ds.dir().display(),
+            a.clips
+        );
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+    let mut picks: Vec<(usize, usize)> =
+        rand::seq::index::sample(&mut rng, available as usize, a.clips)
+            .into_iter()
+            .map(|k| sampler.locate(k as u64))
+            .collect();
+    picks.sort();
+    let name = a.name.clone().unwrap_or_else(|| {
+        super::world::run_of(&a.ckpt)
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let out = out_dir(&a);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+
+    // Roll out.
+    let f = h * w * 3;
+    let window = cfg.train.clip_len.min(cfg.model.max_frames);
+    let mut truth = Vec::with_capacity(a.clips * need * f);
+    let mut pred = Vec::with_capacity(a.clips * a.horizon * f);
+    let bar = crate::progress::bar(a.clips as u64, "clips predicted");
+    for chunk in picks.chunks(BATCH) {
+        let clips = sampler.gather(chunk);
+        let batch = to_flow_batch::<B>(&clips, &device);
+        let ctx = batch.x0.narrow(1, 0, a.context);
+        let p = rollout(
+            &world,
+            ctx,
+            batch.actions.as_ref(),
+            a.horizon,
+            window,
+            &cfg.flow,
+            &mut rng,
+        );
+        pred.extend(tensor_to_frames(p));
+        truth.extend_from_slice(&clips.frames);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    // Per clip: the truth's predicted part, the reference (last context frame repeated)
+    // and the model's whole clip (context + prediction).
+    let mut truth_future = Vec::with_capacity(pred.len());
+    let mut repeat = Vec::with_capacity(pred.len());
+    let mut model_clips = Vec::with_capacity(truth.len());
+    let mut repeat_clips = Vec::with_capacity(truth.len());
+    for k in 0..a.clips {
+        let clip = &truth[k * need * f..(k + 1) * need * f];
+        let ctx = &clip[..a.context * f];
+        let last = &clip[(a.context - 1) * f..a.context * f];
+        truth_future.extend_from_slice(&clip[a.context * f..]);
+        model_clips.extend_from_slice(ctx);
+        model_clips.extend_from_slice(&pred[k * a.horizon * f..(k + 1) * a.horizon * f]);
+        repeat_clips.extend_from_slice(ctx);
+        for _ in 0..a.horizon {
+            repeat.extend_from_slice(last);
+            repeat_clips.extend_from_slice(last);
+        }
+    }
+
+    println!("scoring {} clips: PSNR, SSIM, LPIPS", a.clips);
+    let lpips = Lpips::<B>::from_asset(&device)?;
+    let dims = (a.clips, a.horizon, h, w);
+    let mut model = frame_scores(&lpips, &pred, &truth_future, dims, &device)?;
+    let mut reference = frame_scores(&lpips, &repeat, &truth_future, dims, &device)?;
+    drop(lpips);
+
+    let mut fvd_note = None;
+    if !want_fvd {
+        fvd_note = Some("skipped (--no-fvd)".to_string());
+    } else if need < MIN_FRAMES {
+        fvd_note = Some(format!(
+            "clips of {need} frames are shorter than the {MIN_FRAMES} the I3D network needs"
+        ));
+    } else {
+        println!(
+            "FVD: I3D features of {} clips × 3 sets (truth, model, reference)",
+            a.clips
+        );
+        let net = I3d::<B>::from_asset(&device)?;
+        let shape = [a.clips, need, h, w];
+        let bar = crate::progress::bar(3 * a.clips as u64, "clips through I3D");
+        let ft = i3d_features(&net, &truth, shape, &device, &bar)?;
+        let fm = i3d_features(&net, &model_clips, shape, &device, &bar)?;
+        let fr = i3d_features(&net, &repeat_clips, shape, &device, &bar)?;
+        bar.finish_and_clear();
+        model.fvd = Some(frechet_distance(&fm, &ft, FEATURES)?);
+        reference.fvd = Some(frechet_distance(&fr, &ft, FEATURES)?);
+    }
+
+    let report = EvalReport {
+        name,
+        ckpt,
+        data: a.data.clone(),
+        context: a.context,
+        horizon: a.horizon,
+        clips: a.clips,
+        seed: a.seed,
+        sample_steps: cfg.flow.sample_steps,
+        with_actions: cfg.dws.is_some(),
+        picks,
+        model,
+        repeat_last: reference,
+        fvd_note,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    super::predict::write_json(&out.join("metrics.json"), &report)?;
+    for (metric, m, r) in [
+        (
+            "psnr",
+            &report.model.psnr_per_frame,
+            &report.repeat_last.psnr_per_frame,
+        ),
+        (
+            "ssim",
+            &report.model.ssim_per_frame,
+            &report.repeat_last.ssim_per_frame,
+        ),
+        (
+            "lpips",
+            &report.model.lpips_per_frame,
+            &report.repeat_last.lpips_per_frame,
+        ),
+    ] {
+        write_line_plot(
+            &out.join(format!("{metric}.png")),
+            &[
+                Series {
+                    values: r,
+                    rgb: [150, 150, 150],
+                },
+                Series {
+                    values: m,
+                    rgb: [31, 119, 180],
+                },
+            ],
+            a.context,
+        )?;
+    }
+    let gif_dir = out.join("gifs");
+    std::fs::create_dir_all(&gif_dir)?;
+    let shown = a.gifs.min(a.clips);
+    for k in 0..shown {
+        let pair = Pair {
+            truth: &truth_future[k * a.horizon * f..(k + 1) * a.horizon * f],
+            pred: &pred[k * a.horizon * f..(k + 1) * a.horizon * f],
+        };
+        crate::report::write_side_by_side_gif(
+            &gif_dir.join(format!("clip{k:03}.gif")),
+            &[pair],
+            h,
+            w,
+            3,
+        )?;
+    }
+    let html = out.join("report.html");
+    std::fs::write(&html, crate::report::eval_html(&report, shown))
+        .with_context(|| format!("writing {}", html.display()))?;
+
+    let fmt_fvd = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    println!(
+        "{:<22} {:>8} {:>7} {:>7} {:>9}",
+        "", "PSNR dB", "SSIM", "LPIPS", "FVD"
+    );
+    for (label, s) in [
+        (report.name.as_str(), &report.model),
+        ("repeat last frame", &report.repeat_last),
+    ] {
+        println!(
+            "{:<22} {:>8.2} {:>7.4} {:>7.4} {:>9}",
+            label,
+            s.psnr,
+            s.ssim,
+            s.lpips,
+            fmt_fvd(s.fvd)
+        );
+    }
+    if let Some(n) = &report.fvd_note {
+        println!("FVD: {n}");
+    }
+    println!(
+        "evaluated {} clips ({} context → {} predicted frames) in {:.0} s; report {}",
+        report.clips,
+        report.context,
+        report.horizon,
+        report.seconds,
+        html.display()
+    );
+    Ok(report)
+}
+
+/// Reads `metrics.json` from an eval directory, a run (its `eval/`), or the file itself.
+pub fn read_report(path: &Path) -> Result<EvalReport> {
+    let candidates = [
+        path.to_path_buf(),
+        path.join("metrics.json"),
+        path.join("eval").join("metrics.json"),
+    ];
+    let file = candidates.iter().find(|p| p.is_file()).with_context(|| {
+        format!(
+            "{} holds no eval (metrics.json); run `dws eval` first",
+            path.display()
+        )
+    })?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a dws eval report", file.display()))
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct CompareArgs {
+    /// Eval directories, runs (their `eval/`), or metrics.json files.
+    #[arg(required = true)]
+    pub evals: Vec<PathBuf>,
+    /// Where the table is written (Markdown).
+    #[arg(long, default_value = "compare.md")]
+    pub out: PathBuf,
+}
+
+/// `dws compare`: one row per eval, printed and written as a Markdown table.
+pub fn compare(a: CompareArgs) -> Result<String> {
+    let reports = a
+        .evals
+        .iter()
+        .map(|p| read_report(p))
+        .collect::<Result<Vec<_>>>()?;
+    let first = &reports[0];
+    let mut warn = Vec::new();
+    for r in &reports[1..] {
+        if (r.data.as_path(), r.context, r.horizon, r.clips, r.seed)
+            != (
+                first.data.as_path(),
+                first.context,
+                first.horizon,
+                first.clips,
+                first.seed,
+            )
+        {
+            warn.push(format!(
+                "`{}` was scored on other clips ({} {}+{} ×{} seed {}) than `{}`: compare with care",
+                r.name,
+                r.data.display(),
+                r.context,
+                r.horizon,
+                r.clips,
+                r.seed,
+                first.name
+            ));
+        }
+    }
+    let fmt_fvd = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let mut t = String::from("| model | actions | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FVD ↓ | clips |\n|---|---|---|---|---|---|---|\n");
+    for r in &reports {
+        t += &format!(
+            "| {} | {} | {:.2} | {:.4} | {:.4} | {} | {} |\n",
+            r.name,
+            if r.with_actions { "yes" } else { "no" },
+            r.model.psnr,
+            r.model.ssim,
+            r.model.lpips,
+            fmt_fvd(r.model.fvd),
+            r.clips
+        );
+    }
+    t += &format!(
+        "| repeat last frame | - | {:.2} | {:.4} | {:.4} | {} | {} |\n",
+        first.repeat_last.psnr,
+        first.repeat_last.ssim,
+        first.repeat_last.lpips,
+        fmt_fvd(first.repeat_last.fvd),
+        first.clips
+    );
+    for w in &warn {
+        t += &format!("\n{w}\n");
+    }
+    print!("{t}");
+    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&a.out, &t).with_context(|| format!("writing {}", a.out.display()))?;
+    println!("wrote {}", a.out.display());
+    Ok(t)
+}
