@@ -156,6 +156,79 @@ fn pretrain_finetune_predict_and_exact_resume() {
         other["episodes"][0]["repeat_last"]["mse_per_frame"]
     );
 
+    // dws eval: metrics of the model and of the repeat-last-frame reference, FVD, plots,
+    // GIFs and an HTML report that points at them; dws compare tabulates evals.
+    let full = p("full");
+    let ev = |out: &str, extra: &[&str]| {
+        let out = p(out);
+        let mut a = vec![
+            "eval",
+            "--ckpt",
+            &full,
+            "--data",
+            &data,
+            "--horizon",
+            "8",
+            "--clips",
+            "3",
+            "--gifs",
+            "2",
+            "--out",
+            &out,
+        ];
+        a.extend_from_slice(extra);
+        dws(&a)
+    };
+    let text = ev("eval-a", &[]);
+    assert!(
+        text.contains("repeat last frame") && text.contains("report.html"),
+        "{text}"
+    );
+    let m = json("eval-a/metrics.json");
+    for who in ["model", "repeat_last"] {
+        let s = &m[who];
+        assert_eq!(s["psnr_per_frame"].as_array().unwrap().len(), 8, "{who}");
+        let psnr = s["psnr"].as_f64().unwrap();
+        let ssim = s["ssim"].as_f64().unwrap();
+        let lpips = s["lpips"].as_f64().unwrap();
+        let fvd = s["fvd"].as_f64().unwrap();
+        assert!((5.0..100.0).contains(&psnr), "{who}: PSNR {psnr}");
+        assert!(ssim > -1.0 && ssim < 1.0, "{who}: SSIM {ssim}");
+        assert!(lpips > 0.0 && lpips < 1.5, "{who}: LPIPS {lpips}");
+        assert!(fvd > 0.0, "{who}: FVD {fvd}");
+    }
+    // The arm moves in these clips, so repeating the first frame is not perfect and its
+    // error grows with the horizon.
+    let r = m["repeat_last"]["psnr_per_frame"].as_array().unwrap();
+    assert!(r[0].as_f64().unwrap() > r[7].as_f64().unwrap(), "{r:?}");
+    let html = std::fs::read_to_string(tmp.path().join("eval-a/report.html")).unwrap();
+    for file in [
+        "psnr.png",
+        "ssim.png",
+        "lpips.png",
+        "gifs/clip000.gif",
+        "gifs/clip001.gif",
+    ] {
+        assert!(html.contains(file), "report does not show {file}");
+        let bytes = std::fs::read(tmp.path().join("eval-a").join(file)).unwrap();
+        assert!(&bytes[..6] == b"GIF89a" || &bytes[1..4] == b"PNG", "{file}");
+    }
+    ev(
+        "eval-b",
+        &["--no-fvd", "--seed", "3", "--name", "other-seed"],
+    );
+    assert!(json("eval-b/metrics.json")["model"]["fvd"].is_null());
+    let table = dws(&["compare", &p("eval-a"), &p("eval-b"), "--out", &p("cmp.md")]);
+    assert!(
+        table.contains("| full |") && table.contains("| other-seed |"),
+        "{table}"
+    );
+    assert!(table.contains("other clips"), "{table}");
+    let written = std::fs::read_to_string(tmp.path().join("cmp.md")).unwrap();
+    assert!(table.starts_with(&written), "the file holds the printed table");
+    // Header, then one row per eval and one for the reference.
+    assert_eq!(written.matches("\n| ").count(), 3, "{written}");
+
     // Bad requests are refused with the reason.
     let bad = |extra: &[&str]| {
         let a = args("bad.gif", extra);
@@ -169,4 +242,33 @@ fn pretrain_finetune_predict_and_exact_resume() {
     assert!(bad(&["--episodes", "9"]).contains("has 4 episodes"));
     assert!(bad(&["--actions-from", "1", "--episodes", "2"]).contains("--episodes 1"));
     assert!(bad(&["--sample-steps", "0"]).contains("at least 1"));
+    let bad_eval_on = |data: &str, extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            "--ckpt",
+            &base,
+            "--data",
+            data,
+            "--out",
+            "/nonexistent/x",
+        ];
+        a.extend_from_slice(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_dws"))
+            .args(&a)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let bad_eval = |extra: &[&str]| bad_eval_on(&data, extra);
+    assert!(bad_eval(&["--clips", "1"]).contains("needs --clips 2"));
+    assert!(bad_eval(&["--clips", "100000"]).contains("distinct"));
+    assert!(bad_eval(&["--horizon", "200"]).contains("no episode has 201 frames"));
+    let e = bad_eval_on("/nonexistent/data", &[]);
+    assert!(e.contains("/nonexistent/data"), "{e}");
+    let out = Command::new(env!("CARGO_BIN_EXE_dws"))
+        .args(["compare", &p("push")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds no eval"));
 }

@@ -31,6 +31,16 @@ pub enum Command {
         #[arg(long, default_value = "cpu")]
         device: crate::device::DeviceArg,
     },
+    /// Clips per second through LPIPS and through FVD's I3D features (random 64×64
+    /// clips).
+    Metrics {
+        #[arg(long, default_value_t = 16)]
+        clips: usize,
+        #[arg(long, default_value_t = 16)]
+        frames: usize,
+        #[arg(long, default_value = "cpu")]
+        device: crate::device::DeviceArg,
+    },
     /// Imagined frames per second: batched autoregressive rollout with the preset's
     /// sampler steps.
     Imagine {
@@ -44,6 +54,61 @@ pub enum Command {
         #[arg(long, default_value = "cpu")]
         device: crate::device::DeviceArg,
     },
+}
+
+/// `bench metrics`: clips of `frames` random 64×64 frames per second through LPIPS
+/// (every frame against another clip's) and through FVD's I3D feature extraction
+/// (resize to 224 included).
+struct MetricsBench {
+    clips: usize,
+    frames: usize,
+}
+
+impl crate::device::Job for MetricsBench {
+    type Out = ();
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        use burn::prelude::*;
+        type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+        let (n, t) = (self.clips, self.frames);
+        anyhow::ensure!(n >= 1, "--clips must be at least 1");
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut frames = |shape: [usize; 5]| {
+            let clips = random_clips(shape[0], shape[1], &mut rng);
+            let x = dws_models::flow::frames_to_tensor::<I<B>>(&clips.frames, shape, &device);
+            (x + 1.0) / 2.0
+        };
+        let a = frames([n, t, 64, 64, 3]);
+        let b = frames([n, t, 64, 64, 3]);
+        let lpips = dws_metrics::lpips::Lpips::<I<B>>::from_asset(&device)?;
+        let flat = |x: Tensor<I<B>, 5>| x.reshape([n * t, 3, 64, 64]) * 2.0 - 1.0;
+        let _ = lpips
+            .distance(
+                flat(a.clone()).narrow(0, 0, t),
+                flat(b.clone()).narrow(0, 0, t),
+            )?
+            .into_data();
+        let started = Instant::now();
+        let _ = lpips.distance(flat(a.clone()), flat(b))?.into_data();
+        emit(
+            &format!("metrics/lpips/{t}x64x64/clips_per_s"),
+            n as f64 / started.elapsed().as_secs_f64(),
+            "clips/s",
+        );
+        drop(lpips);
+        let i3d = dws_metrics::i3d::I3d::<I<B>>::from_asset(&device)?;
+        let _ = i3d.video_features(a.clone().narrow(0, 0, 1))?.into_data();
+        let started = Instant::now();
+        for k in (0..n).step_by(4) {
+            let m = 4.min(n - k);
+            let _ = i3d.video_features(a.clone().narrow(0, k, m))?.into_data();
+        }
+        emit(
+            &format!("metrics/fvd_i3d/{t}x64x64/clips_per_s"),
+            n as f64 / started.elapsed().as_secs_f64(),
+            "clips/s",
+        );
+        Ok(())
+    }
 }
 
 /// A world model at a preset's sizes with DWS attached (table embedder, 15 actions).
@@ -231,6 +296,11 @@ pub fn run(cmd: Command) -> Result<()> {
                 frames,
             },
         )?,
+        Command::Metrics {
+            clips,
+            frames,
+            device,
+        } => crate::device::dispatch(device, MetricsBench { clips, frames })?,
         Command::Envs {
             seconds,
             all_procgen,

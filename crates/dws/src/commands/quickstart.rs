@@ -1,7 +1,8 @@
 //! `dws quickstart`: the README's run command. Runs the pipeline end to end on small
 //! defaults and prints what it made: fetch the Procgen library, collect a small dataset
 //! from each environment family, write a preview grid, pretrain a base video model on all
-//! of them, fine-tune it with DWS on the pushing task, and write a prediction GIF.
+//! of them, fine-tune it with DWS on the pushing task, write a prediction GIF, and score
+//! the model on held-out clips with `dws eval` (metrics and an HTML report).
 //! Re-running it resumes: datasets that hold enough episodes are kept and training runs
 //! continue from their checkpoints.
 
@@ -81,6 +82,14 @@ fn heldout_episodes(preset: Preset) -> usize {
     }
 }
 
+/// Held-out clips scored by `dws eval` at the end (FVD's I3D is the slow part).
+fn eval_clips(preset: Preset) -> usize {
+    match preset {
+        Preset::Debug => 8,
+        Preset::Small => 32,
+    }
+}
+
 /// Collects `episodes` episodes into `dir` unless it already holds them.
 fn collect_into(dir: &Path, job: &Job, episodes: usize, seed: u64) -> Result<()> {
     let have = existing_episodes(dir);
@@ -115,7 +124,7 @@ pub fn run(args: Args) -> Result<()> {
         args.preset,
         args.out.display()
     );
-    println!("[1/5] collecting a small dataset from each environment family");
+    println!("[1/6] collecting a small dataset from each environment family");
     let mut dirs = Vec::new();
     let mut heldout = PathBuf::new();
     for job in jobs(args.preset) {
@@ -128,7 +137,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         dirs.push(dir);
     }
-    println!("[2/5] writing preview grids");
+    println!("[2/6] writing preview grids");
     let grid = args.out.join("preview.png");
     super::dataset::preview(
         &dirs,
@@ -147,7 +156,7 @@ pub fn run(args: Args) -> Result<()> {
     let base = runs.join("base");
     let resume = |run: &Path| super::world::RunConfig::read(run).is_ok();
     println!(
-        "[3/5] pretraining the action-free base video model on all datasets ({preset} preset)"
+        "[3/6] pretraining the action-free base video model on all datasets ({preset} preset)"
     );
     let flags = |out: PathBuf| super::world::TrainFlags {
         preset: preset.to_string(),
@@ -171,7 +180,7 @@ pub fn run(args: Args) -> Result<()> {
         .cloned()
         .expect("quickstart collects push");
     let dws_run = runs.join("push-dws");
-    println!("[4/5] fine-tuning it into a world simulator of the pushing task with DWS");
+    println!("[4/6] fine-tuning it into a world simulator of the pushing task with DWS");
     super::world::finetune(super::world::FinetuneArgs {
         base: base.clone(),
         data: push.clone(),
@@ -183,7 +192,7 @@ pub fn run(args: Args) -> Result<()> {
         train: "all".into(),
         flags: flags(dws_run.clone()),
     })?;
-    println!("[5/5] predicting held-out pushing episodes from their first frame and actions");
+    println!("[5/6] predicting held-out pushing episodes from their first frame and actions");
     let gif = args.out.join("prediction.gif");
     let report = super::predict::predict(super::predict::PredictArgs {
         ckpt: dws_run.clone(),
@@ -196,6 +205,21 @@ pub fn run(args: Args) -> Result<()> {
         horizon: 15,
         out: gif.clone(),
         seed: args.seed,
+        device: crate::device::DeviceArg::Cpu,
+    })?;
+    println!("[6/6] scoring the world simulator on held-out clips (PSNR, SSIM, LPIPS, FVD)");
+    let eval = super::eval::eval(super::eval::EvalArgs {
+        ckpt: dws_run.clone(),
+        data: heldout.clone(),
+        context: 1,
+        horizon: 15,
+        clips: eval_clips(args.preset),
+        seed: args.seed,
+        sample_steps: None,
+        out: Some(args.out.join("eval")),
+        name: Some("push-dws".into()),
+        no_fvd: false,
+        gifs: 8,
         device: crate::device::DeviceArg::Cpu,
     })?;
     println!();
@@ -228,6 +252,19 @@ pub fn run(args: Args) -> Result<()> {
         report.reference_mean_psnr,
         gif.with_extension("png").display()
     );
+    println!(
+        "  eval of {} held-out clips: PSNR {:.2} dB, SSIM {:.3}, LPIPS {:.3}, FVD {} (repeat last frame: {:.2} dB, {:.3}, {:.3}, {})\n  report: {}",
+        eval.clips,
+        eval.model.psnr,
+        eval.model.ssim,
+        eval.model.lpips,
+        eval.model.fvd.map_or("-".into(), |v| format!("{v:.0}")),
+        eval.repeat_last.psnr,
+        eval.repeat_last.ssim,
+        eval.repeat_last.lpips,
+        eval.repeat_last.fvd.map_or("-".into(), |v| format!("{v:.0}")),
+        args.out.join("eval").join("report.html").display()
+    );
     if preset == "debug" {
         println!("The debug preset trains for under a minute: it shows the pipeline, not a useful model. `--preset small` trains the larger small model (about 30 minutes on 2 cores); it does not beat the repeat-frame reference yet either (README, Status).");
     }
@@ -236,7 +273,7 @@ pub fn run(args: Args) -> Result<()> {
         started.elapsed().as_secs_f64(),
         dirs[0].display()
     );
-    println!("Not built yet: metrics/eval, play, RL.");
+    println!("Not built yet: play, RL.");
     if !cfg!(feature = "atari") {
         println!(
             "Atari is left out of this build; add `--features atari` (needs cmake) to include it."
