@@ -225,7 +225,10 @@ fn pretrain_finetune_predict_and_exact_resume() {
     );
     assert!(table.contains("other clips"), "{table}");
     let written = std::fs::read_to_string(tmp.path().join("cmp.md")).unwrap();
-    assert!(table.starts_with(&written), "the file holds the printed table");
+    assert!(
+        table.starts_with(&written),
+        "the file holds the printed table"
+    );
     // Header, then one row per eval and one for the reference.
     assert_eq!(written.matches("\n| ").count(), 3, "{written}");
 

@@ -67,23 +67,35 @@ impl<B: Backend> Unit<B> {
 }
 
 /// Max pooling with "SAME" padding (padding never wins the max), done as a 2-D pool over
-/// space followed by a 1-D pool over time (the max over a box is separable).
+/// space followed by a 1-D pool over time (the max over a box is separable). Symmetric
+/// padding is the pool's own; "SAME"'s usual extra pixel at the end (padding `(0, 1)`) is
+/// the pool's ceil mode, which clips the last window at the edge; anything else is padded
+/// explicitly.
 fn max_pool_same<B: Backend>(x: Tensor<B, 5>, k: [usize; 3], s: [usize; 3]) -> Tensor<B, 5> {
     let d = x.dims();
     let pads: Vec<(usize, usize)> = (0..3).map(|i| same_pad(d[2 + i], k[i], s[i])).collect();
-    let x = if pads.iter().any(|&(a, b)| a + b > 0) {
-        x.pad(pads, PadMode::Constant(f32::NEG_INFINITY))
+    let native = |&(a, b): &(usize, usize)| a == b || (a == 0 && b == 1);
+    let (x, pad, ceil) = if pads.iter().all(native) {
+        let pad: Vec<usize> = pads
+            .iter()
+            .map(|&(a, b)| if a == b { a } else { 0 })
+            .collect();
+        (x, pad, pads.iter().any(|&(a, b)| a != b))
     } else {
-        x
+        (
+            x.pad(pads, PadMode::Constant(f32::NEG_INFINITY)),
+            vec![0; 3],
+            false,
+        )
     };
     let [b, c, t, h, w] = x.dims();
     let y = max_pool2d(
         x.reshape([b, c * t, h, w]),
         [k[1], k[2]],
         [s[1], s[2]],
-        [0, 0],
+        [pad[1], pad[2]],
         [1, 1],
-        false,
+        ceil,
     );
     let [_, _, oh, ow] = y.dims();
     if k[0] == 1 && s[0] == 1 {
@@ -93,7 +105,7 @@ fn max_pool_same<B: Backend>(x: Tensor<B, 5>, k: [usize; 3], s: [usize; 3]) -> T
         .reshape([b, c, t, oh * ow])
         .swap_dims(2, 3)
         .reshape([b * c * oh * ow, 1, t]);
-    let y = max_pool1d(y, k[0], s[0], 0, 1, false);
+    let y = max_pool1d(y, k[0], s[0], pad[0], 1, ceil);
     let ot = y.dims()[2];
     y.reshape([b, c, oh * ow, ot])
         .swap_dims(2, 3)
@@ -276,12 +288,22 @@ impl<B: Backend> I3d<B> {
             )));
         }
         let mut x = x;
-        for layer in &self.layers {
+        let profile = std::env::var_os("DWS_I3D_PROFILE").is_some();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let t0 = std::time::Instant::now();
             x = match layer {
                 Layer::Unit(u) => u.forward(x),
                 Layer::Pool(k, s) => max_pool_same(x, *k, *s),
                 Layer::Mixed(m) => m.forward(x),
             };
+            if profile {
+                let _ = x.clone().slice([0..1, 0..1, 0..1, 0..1, 0..1]).into_data();
+                eprintln!(
+                    "layer {i}: {:?} {:.3} s",
+                    x.dims(),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
         }
         // Average pool 2×7×7 (stride 1, valid) then the linear logits, averaged over the
         // remaining time steps: the same as averaging the pooled features first.

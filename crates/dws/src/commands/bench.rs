@@ -58,7 +58,7 @@ pub enum Command {
 
 /// `bench metrics`: clips of `frames` random 64×64 frames per second through LPIPS
 /// (every frame against another clip's) and through FVD's I3D feature extraction
-/// (resize to 224 included).
+/// (resize to 224 included), and the seconds of a whole FVD of two sets of `clips`.
 struct MetricsBench {
     clips: usize,
     frames: usize,
@@ -77,6 +77,11 @@ impl crate::device::Job for MetricsBench {
             let x = dws_models::flow::frames_to_tensor::<I<B>>(&clips.frames, shape, &device);
             (x + 1.0) / 2.0
         };
+        anyhow::ensure!(
+            t >= dws_metrics::i3d::MIN_FRAMES,
+            "--frames must be at least {}",
+            dws_metrics::i3d::MIN_FRAMES
+        );
         let a = frames([n, t, 64, 64, 3]);
         let b = frames([n, t, 64, 64, 3]);
         let lpips = dws_metrics::lpips::Lpips::<I<B>>::from_asset(&device)?;
@@ -88,7 +93,9 @@ impl crate::device::Job for MetricsBench {
             )?
             .into_data();
         let started = Instant::now();
-        let _ = lpips.distance(flat(a.clone()), flat(b))?.into_data();
+        let _ = lpips
+            .distance(flat(a.clone()), flat(b.clone()))?
+            .into_data();
         emit(
             &format!("metrics/lpips/{t}x64x64/clips_per_s"),
             n as f64 / started.elapsed().as_secs_f64(),
@@ -97,15 +104,43 @@ impl crate::device::Job for MetricsBench {
         drop(lpips);
         let i3d = dws_metrics::i3d::I3d::<I<B>>::from_asset(&device)?;
         let _ = i3d.video_features(a.clone().narrow(0, 0, 1))?.into_data();
+        // A whole FVD: features of both sets, then the distance.
         let started = Instant::now();
-        for k in (0..n).step_by(4) {
-            let m = 4.min(n - k);
-            let _ = i3d.video_features(a.clone().narrow(0, k, m))?.into_data();
+        let mut feats = Vec::new();
+        for set in [a, b] {
+            let mut f = Vec::with_capacity(n * dws_metrics::i3d::FEATURES);
+            for k in (0..n).step_by(4) {
+                let m = 4.min(n - k);
+                let x = i3d.video_features(set.clone().narrow(0, k, m))?;
+                f.extend(
+                    x.into_data()
+                        .to_vec::<f32>()
+                        .expect("floats")
+                        .into_iter()
+                        .map(f64::from),
+                );
+            }
+            feats.push(f);
         }
+        let features_s = started.elapsed().as_secs_f64();
+        if n >= 2 {
+            let fvd = dws_metrics::fvd::frechet_distance(
+                &feats[0],
+                &feats[1],
+                dws_metrics::i3d::FEATURES,
+            )?;
+            tracing::debug!("FVD of two random sets: {fvd}");
+        }
+        let total_s = started.elapsed().as_secs_f64();
         emit(
             &format!("metrics/fvd_i3d/{t}x64x64/clips_per_s"),
-            n as f64 / started.elapsed().as_secs_f64(),
+            2.0 * n as f64 / features_s,
             "clips/s",
+        );
+        emit(
+            &format!("metrics/fvd/{n}_clips_per_side/{t}x64x64/seconds"),
+            total_s,
+            "s",
         );
         Ok(())
     }
