@@ -5,6 +5,7 @@
 //! - [`lpips`]: LPIPS with AlexNet and the v0.1 linear heads (burn);
 //! - [`i3d`]: the Kinetics-400 I3D network whose logits are FVD's features (burn);
 //! - [`fvd`]: the Fréchet distance with a careful matrix square root;
+//! - [`video`]: checked sets of u8 clips through I3D, and FVD between two sets;
 //! - [`pickle`]: a reader for the numpy pickles the reference weights ship as.
 //!
 //! The networks are generic over burn's `Backend`; weights come from the asset step
@@ -15,6 +16,7 @@ pub mod i3d;
 pub mod image;
 pub mod lpips;
 pub mod pickle;
+pub mod video;
 mod weights;
 
 use std::path::PathBuf;

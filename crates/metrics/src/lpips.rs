@@ -111,9 +111,9 @@ impl<B: Backend> Lpips<B> {
                 "LPIPS pairs differ in shape: {dx:?} vs {dy:?}"
             )));
         }
-        if dx[1] != 3 || dx[2] < 32 || dx[3] < 32 {
+        if dx[0] == 0 || dx[1] != 3 || dx[2] < 32 || dx[3] < 32 {
             return Err(MetricsError::Input(format!(
-                "LPIPS needs [N, 3, H, W] images of at least 32×32, got {dx:?}"
+                "LPIPS needs [N ≥ 1, 3, H, W] images of at least 32×32, got {dx:?}"
             )));
         }
         let n = dx[0];

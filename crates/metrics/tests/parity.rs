@@ -8,6 +8,7 @@ use dws_metrics::fvd::frechet_distance;
 use dws_metrics::i3d::I3d;
 use dws_metrics::image::{psnr, ssim, Frame};
 use dws_metrics::lpips::Lpips;
+use dws_metrics::video::{fvd, Clip};
 use safetensors::{Dtype, SafeTensors};
 use std::sync::OnceLock;
 
@@ -282,4 +283,53 @@ fn i3d_refuses_short_clips_and_missing_weights() {
     let missing = std::env::temp_dir().join("dws-no-such-weights.ckpt");
     let e = I3d::<B>::load(&missing, &dev()).err().unwrap().to_string();
     assert!(e.contains("dws-no-such-weights.ckpt"), "{e}");
+}
+
+#[test]
+fn bad_clip_sets_and_weights_are_refused_with_the_reason() {
+    let long = vec![0u8; 10 * 32 * 32 * 3];
+    let short = vec![0u8; 9 * 32 * 32 * 3];
+    let c10 = Clip::new(&long, 10, 32, 32).unwrap();
+    let c9 = Clip::new(&short, 9, 32, 32).unwrap();
+    // A buffer that is not the size it claims.
+    let e = Clip::new(&short, 10, 32, 32).unwrap_err().to_string();
+    assert!(e.contains("needs"), "{e}");
+    let msg = |a: &[Clip], b: &[Clip]| fvd(i3d(), a, b, &dev()).unwrap_err().to_string();
+    let e = msg(&[c10, c9], &[c10, c10]);
+    assert!(
+        e.contains("clip 1 has 9 frames") && e.contains("must match"),
+        "{e}"
+    );
+    let e = msg(&[], &[c10, c10]);
+    assert!(
+        e.contains("at least two clips") && e.contains("has 0"),
+        "{e}"
+    );
+    let e = msg(&[c10, c10], &[c10]);
+    assert!(e.contains("second set has 1"), "{e}");
+    // Frames the network was not built for.
+    let e = i3d()
+        .logits(Tensor::<B, 5>::zeros([1, 3, 16, 112, 112], &dev()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("224"), "{e}");
+    // A damaged weights file names itself.
+    let src = dws_assets::ensure("lpips").unwrap().join("alexnet.ckpt");
+    let bytes = std::fs::read(&src).unwrap();
+    let tmp = std::env::temp_dir().join(format!("dws-truncated-{}.ckpt", std::process::id()));
+    std::fs::write(&tmp, &bytes[..bytes.len() / 2]).unwrap();
+    let e = Lpips::<B>::load(&tmp, &dev()).err().unwrap().to_string();
+    std::fs::remove_file(&tmp).ok();
+    assert!(
+        e.contains("dws-truncated") && e.contains("truncated"),
+        "{e}"
+    );
+    let e = lpips()
+        .distance(
+            Tensor::zeros([0, 3, 64, 64], &dev()),
+            Tensor::zeros([0, 3, 64, 64], &dev()),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("N ≥ 1"), "{e}");
 }

@@ -14,6 +14,7 @@ use dws_metrics::fvd::frechet_distance;
 use dws_metrics::i3d::{I3d, FEATURES, MIN_FRAMES};
 use dws_metrics::image::{psnr, ssim, Frame};
 use dws_metrics::lpips::Lpips;
+use dws_metrics::video::{i3d_features, Clip};
 use dws_models::flow::{rollout, tensor_to_frames};
 use dws_models::train::to_flow_batch;
 use rand::SeedableRng;
@@ -24,8 +25,6 @@ use std::time::Instant;
 
 /// Clips rolled out together.
 const BATCH: usize = 16;
-/// Clips per I3D forward pass.
-const I3D_BATCH: usize = 4;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct EvalArgs {
@@ -145,13 +144,6 @@ fn images<B: Backend>(
     Tensor::<B, 4>::from_data(TensorData::new(v, [n, h, w, 3]), device).permute([0, 3, 1, 2])
 }
 
-/// `[B, T, H, W, 3]` u8 → `[B, T, 3, H, W]` in [0, 1].
-fn videos<B: Backend>(clips: &[u8], shape: [usize; 4], device: &B::Device) -> Tensor<B, 5> {
-    let [b, t, h, w] = shape;
-    let v: Vec<f32> = clips.iter().map(|&x| x as f32 / 255.0).collect();
-    Tensor::<B, 5>::from_data(TensorData::new(v, [b, t, h, w, 3]), device).permute([0, 1, 4, 2, 3])
-}
-
 /// Per-frame PSNR, SSIM and LPIPS of predicted frames against the truth, each
 /// `[clips, horizon, H, W, 3]`, averaged over clips.
 fn frame_scores<B: Backend>(
@@ -204,30 +196,12 @@ fn frame_scores<B: Backend>(
     })
 }
 
-/// I3D features of clips `[B, T, H, W, 3]` u8, as `f64` rows of width 400.
-fn i3d_features<B: Backend>(
-    net: &I3d<B>,
-    clips: &[u8],
-    [b, t, h, w]: [usize; 4],
-    device: &B::Device,
-    bar: &indicatif::ProgressBar,
-) -> Result<Vec<f64>> {
-    let per = t * h * w * 3;
-    let mut out = Vec::with_capacity(b * FEATURES);
-    for start in (0..b).step_by(I3D_BATCH) {
-        let n = I3D_BATCH.min(b - start);
-        let x = videos::<B>(&clips[start * per..(start + n) * per], [n, t, h, w], device);
-        let f = net.video_features(x)?;
-        out.extend(
-            f.into_data()
-                .to_vec::<f32>()
-                .expect("floats")
-                .into_iter()
-                .map(f64::from),
-        );
-        bar.inc(n as u64);
-    }
-    Ok(out)
+/// A contiguous `[clips, frames, H, W, 3]` buffer as clips.
+fn as_clips(data: &[u8], frames: usize, h: usize, w: usize) -> Result<Vec<Clip<'_>>> {
+    Ok(data
+        .chunks(frames * h * w * 3)
+        .map(|c| Clip::new(c, frames, h, w))
+        .collect::<Result<_, _>>()?)
 }
 
 fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
@@ -344,14 +318,22 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
             a.clips
         );
         let net = I3d::<B>::from_asset(&device)?;
-        let shape = [a.clips, need, h, w];
         let bar = crate::progress::bar(3 * a.clips as u64, "clips through I3D");
-        let ft = i3d_features(&net, &truth, shape, &device, &bar)?;
-        let fm = i3d_features(&net, &model_clips, shape, &device, &bar)?;
-        let fr = i3d_features(&net, &repeat_clips, shape, &device, &bar)?;
+        let mut feats = Vec::new();
+        for (set, data) in [
+            ("truth", &truth),
+            ("model", &model_clips),
+            ("reference", &repeat_clips),
+        ] {
+            let clips = as_clips(data, need, h, w)?;
+            feats.push(i3d_features(&net, set, &clips, &device, |n| {
+                bar.inc(n as u64)
+            })?);
+        }
         bar.finish_and_clear();
-        model.fvd = Some(frechet_distance(&fm, &ft, FEATURES)?);
-        reference.fvd = Some(frechet_distance(&fr, &ft, FEATURES)?);
+        let (ft, fm, fr) = (&feats[0], &feats[1], &feats[2]);
+        model.fvd = Some(frechet_distance(fm, ft, FEATURES)?);
+        reference.fvd = Some(frechet_distance(fr, ft, FEATURES)?);
     }
 
     let report = EvalReport {
