@@ -4,6 +4,7 @@
 
 mod commands;
 mod device;
+mod media;
 mod plot;
 mod progress;
 mod report;
@@ -40,6 +41,10 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Tabulate several evals (ablations) side by side.
     Compare(commands::eval::CompareArgs),
+    /// PSNR, SSIM, LPIPS and FVD of your own images and videos (PNG, JPEG, GIF, frame
+    /// folders, npz/safetensors arrays, MP4 with ffmpeg).
+    #[command(subcommand)]
+    Metrics(commands::metrics::Command),
     /// Inspect, preview and export episode datasets.
     #[command(subcommand)]
     Dataset(commands::dataset::Command),
@@ -73,6 +78,7 @@ fn main() {
         Command::Predict(a) => commands::predict::predict(a).map(|_| ()),
         Command::Eval(a) => commands::eval::eval(a).map(|_| ()),
         Command::Compare(a) => commands::eval::compare(a).map(|_| ()),
+        Command::Metrics(c) => commands::metrics::run(c),
         Command::Dataset(c) => commands::dataset::run(c),
         Command::Envs(a) => commands::envs::run(a),
         Command::Assets(c) => commands::assets::run(c),
