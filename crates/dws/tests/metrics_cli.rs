@@ -188,6 +188,22 @@ fn pair_metrics_of_png_images_match_the_references() {
     let mean = wp.iter().sum::<f64>() / 6.0;
     assert!((r["psnr"].as_f64().unwrap() - mean).abs() < 1e-4);
 
+    // A JPEG of the same image reads as that image, up to compression.
+    let jpg = tmp.path().join("a0.jpg");
+    image::RgbImage::from_raw(64, 64, a[..per].to_vec())
+        .unwrap()
+        .save_with_format(&jpg, image::ImageFormat::Jpeg)
+        .unwrap();
+    let r = json(&[
+        "metrics",
+        "pair",
+        tmp.path().join("a/0.png").to_str().unwrap(),
+        jpg.to_str().unwrap(),
+        "--json",
+    ]);
+    let p = r["psnr"].as_f64().unwrap();
+    assert!(p > 25.0 && p < 100.0, "JPEG round trip: {p} dB");
+
     // Only some metrics; sizes that do not match; a file that is not an image.
     let r = json(&[
         "metrics",
@@ -438,7 +454,7 @@ fn fvd_is_the_same_through_every_format_and_equals_the_library() {
 }
 
 #[test]
-fn videos_need_ffmpeg_or_say_how_to_get_it() {
+fn videos_are_read_through_ffmpeg_or_the_error_says_how_to_get_it() {
     let has_ffmpeg = Command::new("ffmpeg").arg("-version").output().is_ok();
     let tmp = tempfile::tempdir().unwrap();
     let mp4 = tmp.path().join("clip.mp4");
@@ -449,12 +465,35 @@ fn videos_need_ffmpeg_or_say_how_to_get_it() {
         mp4.to_str().unwrap(),
         mp4.to_str().unwrap(),
     ]);
-    if has_ffmpeg {
-        assert!(e.contains("clip.mp4"), "{e}");
-    } else {
+    if !has_ffmpeg {
         assert!(
             e.contains("needs ffmpeg") && e.contains("apt-get install ffmpeg"),
             "{e}"
         );
+        return;
     }
+    assert!(e.contains("clip.mp4"), "{e}");
+    // A lossless video made by ffmpeg from a GIF decodes to the GIF's frames.
+    let (real, _, [_, t, h, w]) = clip_sets();
+    let g = tmp.path().join("clip.gif");
+    gif(&g, &real[..t * h * w * 3], t, h, w);
+    let mkv = tmp.path().join("clip.mkv");
+    let ok = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-i"])
+        .arg(&g)
+        .args(["-c:v", "ffv1", "-pix_fmt", "bgr0"])
+        .arg(&mkv)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ffmpeg could not write {}", mkv.display());
+    let r = json(&[
+        "metrics",
+        "pair",
+        g.to_str().unwrap(),
+        mkv.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(r["items"][0]["frames"], 16, "{r}");
+    assert_eq!(r["psnr"].as_f64(), Some(100.0), "{r}");
 }
