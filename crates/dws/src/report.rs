@@ -172,9 +172,10 @@ figcaption {{ font-size: 0.85em; color: #555; }}
 <p>{clips_n} held-out clips from <code>{data}</code> (seed {seed}): {context} context frame(s), {horizon} predicted, {steps} Euler step(s) per frame, model {actions}. Checkpoint <code>{ckpt}</code>. Took {secs:.0} s.</p>
 <table><tr><th></th><th>PSNR (dB) ↑</th><th>SSIM ↑</th><th>LPIPS ↓</th><th>FVD ↓</th></tr>
 {model_row}
+{other_row}
 {ref_row}
 </table>
-<p class="key">PSNR, SSIM and LPIPS (AlexNet, v0.1) are means over clips and predicted frames; FVD (Kinetics-400 I3D) compares whole clips (context + prediction) with the ground-truth clips. The reference repeats the last context frame: a model that has learned no motion scores about the same.</p>
+<p class="key">PSNR, SSIM and LPIPS (AlexNet, v0.1) are means over clips and predicted frames; FVD (Kinetics-400 I3D) compares whole clips (context + prediction) with the ground-truth clips. The reference repeats the last context frame: a model that has learned no motion scores about the same. "Given other clips' actions" rolls the model out from the same starts with the next clip's actions and the same sampler noise, scored against the recorded future: a model that follows its actions does clearly worse there; about the same score means it ignores them.</p>
 {note}
 <h2>Per predicted frame</h2>
 <p class="key">Blue: model. Grey: repeat the last context frame. x: frame index in the clip.</p>
@@ -206,5 +207,10 @@ figcaption {{ font-size: 0.85em; color: #555; }}
         secs = r.seconds,
         model_row = row(&r.name, &r.model),
         ref_row = row("repeat last frame", &r.repeat_last),
+        other_row = r
+            .other_actions
+            .as_ref()
+            .map(|o| row("… given other clips' actions", o))
+            .unwrap_or_default(),
     )
 }

@@ -197,6 +197,9 @@ fn pretrain_finetune_predict_and_exact_resume() {
         assert!(lpips > 0.0 && lpips < 1.5, "{who}: LPIPS {lpips}");
         assert!(fvd > 0.0, "{who}: FVD {fvd}");
     }
+    // The model has actions, so eval also rolls it out with other clips' actions.
+    let other = m["other_actions"]["psnr_per_frame"].as_array().unwrap();
+    assert_eq!(other.len(), 8);
     // The arm moves in these clips, so repeating the first frame is not perfect and its
     // error grows with the horizon.
     let r = m["repeat_last"]["psnr_per_frame"].as_array().unwrap();
@@ -224,6 +227,10 @@ fn pretrain_finetune_predict_and_exact_resume() {
         "{table}"
     );
     assert!(table.contains("other clips"), "{table}");
+    assert!(
+        table.contains(" dB |"),
+        "PSNR drop with other actions: {table}"
+    );
     let written = std::fs::read_to_string(tmp.path().join("cmp.md")).unwrap();
     assert!(
         table.starts_with(&written),

@@ -17,7 +17,7 @@ use dws_metrics::lpips::Lpips;
 use dws_metrics::video::{i3d_features, Clip};
 use dws_models::flow::{rollout, tensor_to_frames};
 use dws_models::train::to_flow_batch;
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -100,6 +100,12 @@ pub struct EvalReport {
     /// Repeating the last context frame: what a model that has learned nothing about
     /// motion scores.
     pub repeat_last: Scores,
+    /// The model from the same starts but given another clip's actions (clip k gets
+    /// clip k+1's), against the recorded future, with the same sampler noise. A model
+    /// that follows its actions scores clearly worse here than with the clips' own
+    /// actions; about equal scores mean it ignores them. Only for models with actions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_actions: Option<Scores>,
     /// Why FVD is missing, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fvd_note: Option<String>,
@@ -259,23 +265,43 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
     let window = cfg.train.clip_len.min(cfg.model.max_frames);
     let mut truth = Vec::with_capacity(a.clips * need * f);
     let mut pred = Vec::with_capacity(a.clips * a.horizon * f);
-    let bar = crate::progress::bar(a.clips as u64, "clips predicted");
-    for chunk in picks.chunks(BATCH) {
+    let with_actions = cfg.dws.is_some();
+    let probe_actions = with_actions && a.clips >= 2;
+    // Clip k's start with clip k+1's actions (a rotation of the picks).
+    let rotated: Vec<(usize, usize)> = (0..a.clips).map(|k| picks[(k + 1) % a.clips]).collect();
+    let mut pred_other = Vec::new();
+    let bar = crate::progress::bar(
+        a.clips as u64 * if probe_actions { 2 } else { 1 },
+        "clips predicted",
+    );
+    for (i, chunk) in picks.chunks(BATCH).enumerate() {
         let clips = sampler.gather(chunk);
         let batch = to_flow_batch::<B>(&clips, &device);
         let ctx = batch.x0.narrow(1, 0, a.context);
-        let p = rollout(
-            &world,
-            ctx,
-            batch.actions.as_ref(),
-            a.horizon,
-            window,
-            &cfg.flow,
-            &mut rng,
-        );
-        pred.extend(tensor_to_frames(p));
+        // Both rollouts of a chunk draw the same sampler noise.
+        let noise_seed = rng.next_u64();
+        let roll = |actions: Option<&dws_models::embedders::ActionBatch<B>>| {
+            let mut noise = ChaCha8Rng::seed_from_u64(noise_seed);
+            let p = rollout(
+                &world,
+                ctx.clone(),
+                actions,
+                a.horizon,
+                window,
+                &cfg.flow,
+                &mut noise,
+            );
+            tensor_to_frames(p)
+        };
+        pred.extend(roll(batch.actions.as_ref()));
         truth.extend_from_slice(&clips.frames);
         bar.inc(chunk.len() as u64);
+        if probe_actions {
+            let other = sampler.gather(&rotated[i * BATCH..i * BATCH + chunk.len()]);
+            let other = to_flow_batch::<B>(&other, &device);
+            pred_other.extend(roll(other.actions.as_ref()));
+            bar.inc(chunk.len() as u64);
+        }
     }
     bar.finish_and_clear();
     // Per clip: the truth's predicted part, the reference (last context frame repeated)
@@ -303,6 +329,17 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
     let dims = (a.clips, a.horizon, h, w);
     let mut model = frame_scores(&lpips, &pred, &truth_future, dims, &device)?;
     let mut reference = frame_scores(&lpips, &repeat, &truth_future, dims, &device)?;
+    let other_actions = if probe_actions {
+        Some(frame_scores(
+            &lpips,
+            &pred_other,
+            &truth_future,
+            dims,
+            &device,
+        )?)
+    } else {
+        None
+    };
     drop(lpips);
 
     let mut fvd_note = None;
@@ -345,10 +382,11 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
         clips: a.clips,
         seed: a.seed,
         sample_steps: cfg.flow.sample_steps,
-        with_actions: cfg.dws.is_some(),
+        with_actions,
         picks,
         model,
         repeat_last: reference,
+        other_actions,
         fvd_note,
         seconds: started.elapsed().as_secs_f64(),
     };
@@ -410,10 +448,12 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
         "{:<22} {:>8} {:>7} {:>7} {:>9}",
         "", "PSNR dB", "SSIM", "LPIPS", "FVD"
     );
-    for (label, s) in [
-        (report.name.as_str(), &report.model),
-        ("repeat last frame", &report.repeat_last),
-    ] {
+    let mut rows = vec![(report.name.as_str(), &report.model)];
+    if let Some(o) = &report.other_actions {
+        rows.push(("  other clips' actions", o));
+    }
+    rows.push(("repeat last frame", &report.repeat_last));
+    for (label, s) in rows {
         println!(
             "{:<22} {:>8.2} {:>7.4} {:>7.4} {:>9}",
             label,
@@ -498,21 +538,27 @@ pub fn compare(a: CompareArgs) -> Result<String> {
         }
     }
     let fmt_fvd = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-    let mut t = String::from("| model | actions | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FVD ↓ | clips |\n|---|---|---|---|---|---|---|\n");
+    let mut t = String::from("| model | actions | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FVD ↓ | PSNR drop with other actions | clips |\n|---|---|---|---|---|---|---|---|\n");
     for r in &reports {
         t += &format!(
-            "| {} | {} | {:.2} | {:.4} | {:.4} | {} | {} |\n",
+            "| {} | {} | {:.2} | {:.4} | {:.4} | {} | {} | {} |\n",
             r.name,
             if r.with_actions { "yes" } else { "no" },
             r.model.psnr,
             r.model.ssim,
             r.model.lpips,
             fmt_fvd(r.model.fvd),
+            r.other_actions
+                .as_ref()
+                .map_or("-".to_string(), |o| format!(
+                    "{:.2} dB",
+                    r.model.psnr - o.psnr
+                )),
             r.clips
         );
     }
     t += &format!(
-        "| repeat last frame | - | {:.2} | {:.4} | {:.4} | {} | {} |\n",
+        "| repeat last frame | - | {:.2} | {:.4} | {:.4} | {} | - | {} |\n",
         first.repeat_last.psnr,
         first.repeat_last.ssim,
         first.repeat_last.lpips,
