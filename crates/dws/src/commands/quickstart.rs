@@ -269,7 +269,7 @@ pub fn run(args: Args) -> Result<()> {
         println!("The debug preset trains for under a minute: it shows the pipeline, not a useful model. `--preset small` trains the larger small model (about 30 minutes on 2 cores); it does not beat the repeat-frame reference yet either (README, Status).");
     }
     println!(
-        "done in {:.1} s. Next: `dws dataset info {}`, `dws envs`, `dws bench envs`.",
+        "done in {:.1} s. Next: `dws dataset info {}`, `dws eval --help` (more clips, other models, `dws compare`), `dws metrics --help` (your own videos).",
         started.elapsed().as_secs_f64(),
         dirs[0].display()
     );
