@@ -178,7 +178,7 @@ figcaption {{ font-size: 0.85em; color: #555; }}
 <p class="key">PSNR, SSIM and LPIPS (AlexNet, v0.1) are means over clips and predicted frames; FVD (Kinetics-400 I3D) compares whole clips (context + prediction) with the ground-truth clips. The reference repeats the last context frame: a model that has learned no motion scores about the same. "Given other clips' actions" rolls the model out from the same starts with the next clip's actions and the same sampler noise, scored against the recorded future: a model that follows its actions does clearly worse there; about the same score means it ignores them.</p>
 {note}
 <h2>Per predicted frame</h2>
-<p class="key">Blue: model. Grey: repeat the last context frame. x: frame index in the clip.</p>
+<p class="key">Blue: model. Orange: the model given other clips' actions (models with actions). Grey: repeat the last context frame. x: frame index in the clip.</p>
 <div class="plots">
 <figure><img src="psnr.png" alt="PSNR per frame"><figcaption>PSNR (dB)</figcaption></figure>
 <figure><img src="ssim.png" alt="SSIM per frame"><figcaption>SSIM</figcaption></figure>

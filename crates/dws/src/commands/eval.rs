@@ -391,37 +391,30 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
         seconds: started.elapsed().as_secs_f64(),
     };
     super::predict::write_json(&out.join("metrics.json"), &report)?;
-    for (metric, m, r) in [
-        (
-            "psnr",
-            &report.model.psnr_per_frame,
-            &report.repeat_last.psnr_per_frame,
-        ),
-        (
-            "ssim",
-            &report.model.ssim_per_frame,
-            &report.repeat_last.ssim_per_frame,
-        ),
-        (
-            "lpips",
-            &report.model.lpips_per_frame,
-            &report.repeat_last.lpips_per_frame,
-        ),
-    ] {
-        write_line_plot(
-            &out.join(format!("{metric}.png")),
-            &[
-                Series {
-                    values: r,
-                    rgb: [150, 150, 150],
-                },
-                Series {
-                    values: m,
-                    rgb: [31, 119, 180],
-                },
-            ],
-            a.context,
-        )?;
+    let per_frame = |s: &Scores, metric: &str| -> Vec<f64> {
+        match metric {
+            "psnr" => s.psnr_per_frame.clone(),
+            "ssim" => s.ssim_per_frame.clone(),
+            _ => s.lpips_per_frame.clone(),
+        }
+    };
+    for metric in ["psnr", "ssim", "lpips"] {
+        let lines: Vec<(Vec<f64>, [u8; 3])> = [
+            Some((per_frame(&report.repeat_last, metric), [150, 150, 150])),
+            report
+                .other_actions
+                .as_ref()
+                .map(|o| (per_frame(o, metric), [255, 127, 14])),
+            Some((per_frame(&report.model, metric), [31, 119, 180])),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let series: Vec<Series<'_>> = lines
+            .iter()
+            .map(|(values, rgb)| Series { values, rgb: *rgb })
+            .collect();
+        write_line_plot(&out.join(format!("{metric}.png")), &series, a.context)?;
     }
     let gif_dir = out.join("gifs");
     std::fs::create_dir_all(&gif_dir)?;
