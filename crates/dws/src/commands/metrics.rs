@@ -27,7 +27,9 @@ pub enum Command {
     /// PSNR, SSIM and LPIPS of B against A: two images, two videos, or two folders (or
     /// array files) of them matched by file name. Per item (mean over frames) and mean.
     Pair {
+        /// Ground truth: an image, a video, or a folder or array file of them.
         a: PathBuf,
+        /// Predictions, matched to A's items by name.
         b: PathBuf,
         /// Any of psnr, ssim, lpips, comma-separated.
         #[arg(long, default_value = "psnr,ssim,lpips")]
@@ -35,6 +37,7 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// cpu or cuda:N (a `--features cuda` build).
         #[arg(long, default_value = "cpu")]
         device: DeviceArg,
     },
@@ -42,7 +45,8 @@ pub enum Command {
     /// folders of frames) or an .npz/.safetensors array [N, T, H, W, 3] u8. With
     /// `--real-features FILE`, give only FAKE.
     Fvd {
-        #[arg(required = true, num_args = 1..=2)]
+        /// Two sets, REAL then FAKE (only FAKE with --real-features).
+        #[arg(required = true, num_args = 1..=2, value_name = "SET")]
         sets: Vec<PathBuf>,
         /// Frames of each video used (the first ones); the standard is 16.
         #[arg(long, default_value_t = 16)]
@@ -53,8 +57,10 @@ pub enum Command {
         /// Reuse the `real` features saved by `--features-out` instead of a REAL set.
         #[arg(long)]
         real_features: Option<PathBuf>,
+        /// Print JSON instead of a line.
         #[arg(long)]
         json: bool,
+        /// cpu or cuda:N (a `--features cuda` build).
         #[arg(long, default_value = "cpu")]
         device: DeviceArg,
     },
