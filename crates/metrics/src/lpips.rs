@@ -136,6 +136,48 @@ impl<B: Backend> Lpips<B> {
     }
 }
 
+impl<B: Backend> Lpips<B> {
+    /// LPIPS of each pair of u8 frames `[N, H, W, 3]` (row-major, RGB), computed
+    /// [`FRAME_BATCH`] frames at a time.
+    pub fn frame_distances(
+        &self,
+        a: &[u8],
+        b: &[u8],
+        (h, w): (usize, usize),
+        device: &B::Device,
+    ) -> Result<Vec<f64>> {
+        let f = h * w * 3;
+        if f == 0 || a.len() != b.len() || !a.len().is_multiple_of(f) {
+            return Err(MetricsError::Input(format!(
+                "LPIPS frames: {} and {} bytes are not pairs of {h}×{w} RGB frames",
+                a.len(),
+                b.len()
+            )));
+        }
+        let image = |v: &[u8], n: usize| {
+            let x: Vec<f32> = v.iter().map(|&x| x as f32 / 127.5 - 1.0).collect();
+            Tensor::<B, 4>::from_data(TensorData::new(x, [n, h, w, 3]), device)
+                .permute([0, 3, 1, 2])
+        };
+        let mut out = Vec::with_capacity(a.len() / f);
+        for (ca, cb) in a.chunks(FRAME_BATCH * f).zip(b.chunks(FRAME_BATCH * f)) {
+            let n = ca.len() / f;
+            let d = self.distance(image(ca, n), image(cb, n))?;
+            out.extend(
+                d.into_data()
+                    .to_vec::<f32>()
+                    .expect("floats")
+                    .into_iter()
+                    .map(f64::from),
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// Frames per forward pass of [`Lpips::frame_distances`].
+pub const FRAME_BATCH: usize = 64;
+
 fn vector<B: Backend>(a: Array, device: &B::Device) -> Tensor<B, 1> {
     let n = a.data.len();
     Tensor::from_data(TensorData::new(a.data, [n]), device)

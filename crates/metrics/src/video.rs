@@ -7,7 +7,7 @@ use crate::{MetricsError, Result};
 use burn::prelude::*;
 
 /// Clips per I3D forward pass (memory stays near 1 GB at 16 frames).
-const I3D_BATCH: usize = 4;
+pub const I3D_BATCH: usize = 4;
 
 /// One clip: `[frames, height, width, 3]` u8, row-major.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +35,25 @@ impl<'a> Clip<'a> {
             width,
         })
     }
+}
+
+/// A contiguous `[clips, frames, height, width, 3]` buffer as clips.
+pub fn split_clips(
+    data: &[u8],
+    frames: usize,
+    height: usize,
+    width: usize,
+) -> Result<Vec<Clip<'_>>> {
+    let per = frames * height * width * 3;
+    if per == 0 || !data.len().is_multiple_of(per) {
+        return Err(MetricsError::Input(format!(
+            "{} bytes are not whole clips of {frames} RGB frames of {height}×{width}",
+            data.len()
+        )));
+    }
+    data.chunks(per)
+        .map(|c| Clip::new(c, frames, height, width))
+        .collect()
 }
 
 /// Checks that a set is non-empty and all its clips share one length and frame size;

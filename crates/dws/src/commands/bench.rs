@@ -67,35 +67,20 @@ struct MetricsBench {
 impl crate::device::Job for MetricsBench {
     type Out = ();
     fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Result<()> {
-        use burn::prelude::*;
+        use dws_metrics::i3d::{FEATURES, MIN_FRAMES};
+        use dws_metrics::video::{i3d_features, split_clips};
         type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
         let (n, t) = (self.clips, self.frames);
         anyhow::ensure!(n >= 1, "--clips must be at least 1");
+        anyhow::ensure!(t >= MIN_FRAMES, "--frames must be at least {MIN_FRAMES}");
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let mut frames = |shape: [usize; 5]| {
-            let clips = random_clips(shape[0], shape[1], &mut rng);
-            let x = dws_models::flow::frames_to_tensor::<I<B>>(&clips.frames, shape, &device);
-            (x + 1.0) / 2.0
-        };
-        anyhow::ensure!(
-            t >= dws_metrics::i3d::MIN_FRAMES,
-            "--frames must be at least {}",
-            dws_metrics::i3d::MIN_FRAMES
-        );
-        let a = frames([n, t, 64, 64, 3]);
-        let b = frames([n, t, 64, 64, 3]);
+        let a = random_clips(n, t, &mut rng).frames;
+        let b = random_clips(n, t, &mut rng).frames;
+        let per = t * 64 * 64 * 3;
         let lpips = dws_metrics::lpips::Lpips::<I<B>>::from_asset(&device)?;
-        let flat = |x: Tensor<I<B>, 5>| x.reshape([n * t, 3, 64, 64]) * 2.0 - 1.0;
-        let _ = lpips
-            .distance(
-                flat(a.clone()).narrow(0, 0, t),
-                flat(b.clone()).narrow(0, 0, t),
-            )?
-            .into_data();
+        lpips.frame_distances(&a[..per], &b[..per], (64, 64), &device)?; // warm-up
         let started = Instant::now();
-        let _ = lpips
-            .distance(flat(a.clone()), flat(b.clone()))?
-            .into_data();
+        lpips.frame_distances(&a, &b, (64, 64), &device)?;
         emit(
             &format!("metrics/lpips/{t}x64x64/clips_per_s"),
             n as f64 / started.elapsed().as_secs_f64(),
@@ -103,32 +88,15 @@ impl crate::device::Job for MetricsBench {
         );
         drop(lpips);
         let i3d = dws_metrics::i3d::I3d::<I<B>>::from_asset(&device)?;
-        let _ = i3d.video_features(a.clone().narrow(0, 0, 1))?.into_data();
+        let (ca, cb) = (split_clips(&a, t, 64, 64)?, split_clips(&b, t, 64, 64)?);
+        i3d_features(&i3d, "warm-up", &ca[..1], &device, |_| {})?;
         // A whole FVD: features of both sets, then the distance.
         let started = Instant::now();
-        let mut feats = Vec::new();
-        for set in [a, b] {
-            let mut f = Vec::with_capacity(n * dws_metrics::i3d::FEATURES);
-            for k in (0..n).step_by(4) {
-                let m = 4.min(n - k);
-                let x = i3d.video_features(set.clone().narrow(0, k, m))?;
-                f.extend(
-                    x.into_data()
-                        .to_vec::<f32>()
-                        .expect("floats")
-                        .into_iter()
-                        .map(f64::from),
-                );
-            }
-            feats.push(f);
-        }
+        let fa = i3d_features(&i3d, "first", &ca, &device, |_| {})?;
+        let fb = i3d_features(&i3d, "second", &cb, &device, |_| {})?;
         let features_s = started.elapsed().as_secs_f64();
         if n >= 2 {
-            let fvd = dws_metrics::fvd::frechet_distance(
-                &feats[0],
-                &feats[1],
-                dws_metrics::i3d::FEATURES,
-            )?;
+            let fvd = dws_metrics::fvd::frechet_distance(&fa, &fb, FEATURES)?;
             tracing::debug!("FVD of two random sets: {fvd}");
         }
         let total_s = started.elapsed().as_secs_f64();

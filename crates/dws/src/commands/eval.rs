@@ -14,7 +14,7 @@ use dws_metrics::fvd::frechet_distance;
 use dws_metrics::i3d::{I3d, FEATURES, MIN_FRAMES};
 use dws_metrics::image::{psnr, ssim, Frame};
 use dws_metrics::lpips::Lpips;
-use dws_metrics::video::{i3d_features, Clip};
+use dws_metrics::video::{i3d_features, split_clips};
 use dws_models::flow::{rollout, tensor_to_frames};
 use dws_models::train::to_flow_batch;
 use rand::{RngCore, SeedableRng};
@@ -138,18 +138,6 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// `[N, H, W, 3]` u8 → `[N, 3, H, W]` in [-1, 1].
-fn images<B: Backend>(
-    frames: &[u8],
-    n: usize,
-    h: usize,
-    w: usize,
-    device: &B::Device,
-) -> Tensor<B, 4> {
-    let v: Vec<f32> = frames.iter().map(|&x| x as f32 / 127.5 - 1.0).collect();
-    Tensor::<B, 4>::from_data(TensorData::new(v, [n, h, w, 3]), device).permute([0, 3, 1, 2])
-}
-
 /// Per-frame PSNR, SSIM and LPIPS of predicted frames against the truth, each
 /// `[clips, horizon, H, W, 3]`, averaged over clips.
 fn frame_scores<B: Backend>(
@@ -173,23 +161,9 @@ fn frame_scores<B: Backend>(
         ps[i % horizon] += psnr(&fa, &fb)? / clips as f64;
         ss[i % horizon] += ssim(&fa, &fb)? / clips as f64;
     }
-    // LPIPS in batches of whole clips.
-    for start in (0..clips).step_by(BATCH) {
-        let n = BATCH.min(clips - start) * horizon;
-        let r = start * horizon * f..(start * horizon + n) * f;
-        let d = lpips.distance(
-            images(&pred[r.clone()], n, h, w, device),
-            images(&truth[r], n, h, w, device),
-        )?;
-        for (k, v) in d
-            .into_data()
-            .to_vec::<f32>()
-            .expect("floats")
-            .into_iter()
-            .enumerate()
-        {
-            ls[k % horizon] += v as f64 / clips as f64;
-        }
+    let d = lpips.frame_distances(pred, truth, (h, w), device)?;
+    for (k, v) in d.into_iter().enumerate() {
+        ls[k % horizon] += v / clips as f64;
     }
     Ok(Scores {
         psnr: mean(&ps),
@@ -200,14 +174,6 @@ fn frame_scores<B: Backend>(
         ssim_per_frame: ss,
         lpips_per_frame: ls,
     })
-}
-
-/// A contiguous `[clips, frames, H, W, 3]` buffer as clips.
-fn as_clips(data: &[u8], frames: usize, h: usize, w: usize) -> Result<Vec<Clip<'_>>> {
-    Ok(data
-        .chunks(frames * h * w * 3)
-        .map(|c| Clip::new(c, frames, h, w))
-        .collect::<Result<_, _>>()?)
 }
 
 fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
@@ -362,7 +328,7 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
             ("model", &model_clips),
             ("reference", &repeat_clips),
         ] {
-            let clips = as_clips(data, need, h, w)?;
+            let clips = split_clips(data, need, h, w)?;
             feats.push(i3d_features(&net, set, &clips, &device, |n| {
                 bar.inc(n as u64)
             })?);

@@ -12,15 +12,10 @@ use dws_metrics::fvd::frechet_distance;
 use dws_metrics::i3d::{I3d, FEATURES};
 use dws_metrics::image::{psnr, ssim, Frame};
 use dws_metrics::lpips::Lpips;
-use dws_metrics::video::{i3d_features, Clip};
+use dws_metrics::video::{i3d_features, Clip, I3D_BATCH};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-/// Frames per LPIPS forward pass.
-const LPIPS_BATCH: usize = 32;
-/// Videos per I3D forward pass.
-const I3D_BATCH: usize = 4;
 
 #[derive(Subcommand, Clone, Debug)]
 pub enum Command {
@@ -205,29 +200,9 @@ fn pair<B: Backend>(a: &Path, b: &Path, want: Wanted, device: &B::Device) -> Res
         }
         let lp = match &lpips {
             Some(net) => {
-                let mut d = Vec::new();
-                let f = va.h * va.w * 3;
-                for start in (0..va.t).step_by(LPIPS_BATCH) {
-                    let n = LPIPS_BATCH.min(va.t - start);
-                    let img = |v: &Video| {
-                        let x: Vec<f32> = v.frames[start * f..(start + n) * f]
-                            .iter()
-                            .map(|&x| x as f32 / 127.5 - 1.0)
-                            .collect();
-                        Tensor::<B, 4>::from_data(TensorData::new(x, [n, v.h, v.w, 3]), device)
-                            .permute([0, 3, 1, 2])
-                    };
-                    let out = net
-                        .distance(img(&va), img(&vb))
-                        .with_context(|| format!("`{name}`"))?;
-                    d.extend(
-                        out.into_data()
-                            .to_vec::<f32>()
-                            .expect("floats")
-                            .into_iter()
-                            .map(f64::from),
-                    );
-                }
+                let d = net
+                    .frame_distances(&va.frames, &vb.frames, (va.h, va.w), device)
+                    .with_context(|| format!("`{name}`"))?;
                 Some(mean(&d))
             }
             None => None,

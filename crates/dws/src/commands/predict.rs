@@ -127,7 +127,7 @@ pub fn errors(pred: &[u8], truth: &[u8], frame_len: usize) -> Errors {
         .collect();
     let psnr: Vec<f64> = mse
         .iter()
-        .map(|m| 10.0 * (1.0 / m.max(1e-10)).log10())
+        .map(|&m| dws_metrics::image::psnr_from_mse(m))
         .collect();
     Errors {
         mean_mse: mean(&mse),
