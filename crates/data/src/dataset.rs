@@ -290,6 +290,28 @@ impl DatasetWriter {
         seed: Option<u64>,
         info: serde_json::Map<String, serde_json::Value>,
     ) -> Result<&EpisodeEntry> {
+        self.append_unlisted(episode, seed, info)?;
+        self.flush()?;
+        Ok(self.manifest.episodes.last().expect("just pushed"))
+    }
+
+    /// Writes the manifest, listing every episode appended so far.
+    pub fn flush(&self) -> Result<()> {
+        self.manifest.write(&self.dir)
+    }
+
+    /// Writes one episode file and adds it to the in-memory manifest only: the manifest
+    /// on disk lists it after the next [`Self::flush`] (or [`Self::append`]). Rewriting
+    /// the manifest after every episode costs time quadratic in the number of episodes;
+    /// a bulk writer appends this way and flushes every few seconds. A crash loses the
+    /// unlisted episodes (their files are removed when the dataset is next opened for
+    /// writing), never the listed ones.
+    pub fn append_unlisted(
+        &mut self,
+        episode: &Episode,
+        seed: Option<u64>,
+        info: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<&EpisodeEntry> {
         let h = &self.manifest.header;
         if episode.frame_shape != h.frame_shape {
             return Err(DataError::BadEpisode(format!(
@@ -334,7 +356,6 @@ impl DatasetWriter {
         });
         self.manifest.num_episodes = self.manifest.episodes.len();
         self.manifest.num_steps += episode.steps() as u64;
-        self.manifest.write(&self.dir)?;
         Ok(self.manifest.episodes.last().expect("just pushed"))
     }
 }

@@ -23,6 +23,7 @@ mod dataset;
 mod episode;
 mod npz;
 mod preview;
+pub mod tfrecord;
 
 pub use clips::{ClipBatch, ClipSampler};
 pub use dataset::{Dataset, DatasetHeader, DatasetWriter, EpisodeEntry, Manifest, FORMAT, VERSION};

@@ -49,21 +49,21 @@ pub enum Item {
     Array { path: PathBuf, index: usize },
 }
 
-const IMAGE_EXT: &[&str] = &["png", "jpg", "jpeg"];
-const VIDEO_EXT: &[&str] = &["gif", "mp4", "webm", "avi", "mov", "mkv"];
+pub(crate) const IMAGE_EXT: &[&str] = &["png", "jpg", "jpeg"];
+pub(crate) const VIDEO_EXT: &[&str] = &["gif", "mp4", "webm", "avi", "mov", "mkv"];
 const ARRAY_EXT: &[&str] = &["npz", "safetensors"];
 
-fn ext(p: &Path) -> String {
+pub(crate) fn ext(p: &Path) -> String {
     p.extension()
         .map(|e| e.to_string_lossy().to_lowercase())
         .unwrap_or_default()
 }
 
-fn is_image(p: &Path) -> bool {
+pub(crate) fn is_image(p: &Path) -> bool {
     IMAGE_EXT.contains(&ext(p).as_str())
 }
 
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading folder {}", dir.display()))?
         .map(|e| e.map(|e| e.path()))
@@ -78,7 +78,7 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-fn stem(p: &Path) -> String {
+pub(crate) fn stem(p: &Path) -> String {
     p.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| p.display().to_string())
@@ -147,7 +147,7 @@ fn rgb_of(img: image::DynamicImage) -> (Vec<u8>, usize, usize) {
     (rgb.into_raw(), h, w)
 }
 
-fn read_image(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
+pub(crate) fn read_image(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
     let img = image::ImageReader::open(path)
         .with_context(|| format!("opening {}", path.display()))?
         .with_guessed_format()
@@ -157,7 +157,7 @@ fn read_image(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
     Ok(rgb_of(img))
 }
 
-fn read_gif(path: &Path) -> Result<Video> {
+pub(crate) fn read_gif(path: &Path) -> Result<Video> {
     use image::AnimationDecoder;
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let dec = image::codecs::gif::GifDecoder::new(BufReader::new(file))
@@ -181,7 +181,7 @@ fn read_gif(path: &Path) -> Result<Video> {
     })
 }
 
-fn read_frame_dir(dir: &Path) -> Result<Video> {
+pub(crate) fn read_frame_dir(dir: &Path) -> Result<Video> {
     let files: Vec<PathBuf> = sorted_entries(dir)?
         .into_iter()
         .filter(|p| p.is_file() && is_image(p))
@@ -209,7 +209,7 @@ fn read_frame_dir(dir: &Path) -> Result<Video> {
     })
 }
 
-fn read_with_ffmpeg(path: &Path) -> Result<Video> {
+pub(crate) fn read_with_ffmpeg(path: &Path) -> Result<Video> {
     use std::process::Command;
     let missing = |e: std::io::Error| {
         anyhow::anyhow!(
@@ -321,7 +321,10 @@ fn video_shape(path: &Path, name: &str, shape: &[usize]) -> Result<(usize, usize
 }
 
 /// Parses a `.npy` header: (dtype, fortran order, shape, header length in bytes).
-fn npy_header(r: &mut impl Read, path: &Path) -> Result<(String, bool, Vec<usize>, u64)> {
+pub(crate) fn npy_header(
+    r: &mut impl Read,
+    path: &Path,
+) -> Result<(String, bool, Vec<usize>, u64)> {
     let mut pre = [0u8; 8];
     r.read_exact(&mut pre)
         .with_context(|| format!("reading {}", path.display()))?;
@@ -547,13 +550,13 @@ impl Reader {
 /// A zip entry streamed by a thread that owns the archive (the zip crate's entry readers
 /// borrow it), in 1 MiB chunks through a channel of four: memory stays bounded however
 /// large the entry.
-struct ZipEntryReader {
+pub(crate) struct ZipEntryReader {
     rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
     chunk: std::io::Cursor<Vec<u8>>,
 }
 
 impl ZipEntryReader {
-    fn new(mut zip: zip::ZipArchive<std::fs::File>, entry: &str) -> Result<Self> {
+    pub(crate) fn new(mut zip: zip::ZipArchive<std::fs::File>, entry: &str) -> Result<Self> {
         zip.by_name(entry)?; // fail here, not in the thread, when it is missing
         let (tx, rx) = std::sync::mpsc::sync_channel(4);
         let entry = entry.to_string();

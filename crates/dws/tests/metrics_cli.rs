@@ -4,22 +4,11 @@
 use burn::backend::Flex;
 use dws_metrics::video::Clip;
 use safetensors::{Dtype, SafeTensors};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dws"))
-        .env("DWS_LOG", "warn")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::{png, run};
+use std::process::Command;
 
 fn json(args: &[&str]) -> serde_json::Value {
     let (ok, out, err) = run(args);
@@ -68,15 +57,6 @@ impl Fixture {
     }
 }
 
-fn png(path: &Path, rgb: &[u8], h: usize, w: usize) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let f = std::fs::File::create(path).unwrap();
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w as u32, h as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    enc.write_header().unwrap().write_image_data(rgb).unwrap();
-}
-
 /// A GIF with an exact palette per frame (the frames have at most 256 colours), so it
 /// is lossless.
 fn gif(path: &Path, frames: &[u8], t: usize, h: usize, w: usize) {
@@ -104,25 +84,15 @@ fn gif(path: &Path, frames: &[u8], t: usize, h: usize, w: usize) {
 }
 
 fn npz(path: &Path, name: &str, data: &[u8], shape: &[usize]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let mut header = format!(
-        "{{'descr': '|u1', 'fortran_order': False, 'shape': ({},), }}",
-        dims.join(", ")
+    common::npz(
+        path,
+        &[common::Npy {
+            name,
+            descr: "|u1",
+            shape: shape.to_vec(),
+            data: data.to_vec(),
+        }],
     );
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    npy.extend_from_slice(header.as_bytes());
-    npy.extend_from_slice(data);
-    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated);
-    z.start_file(format!("{name}.npy"), opts).unwrap();
-    z.write_all(&npy).unwrap();
-    z.finish().unwrap();
 }
 
 fn safetensors_file(path: &Path, name: &str, data: &[u8], shape: &[usize]) {

@@ -13,6 +13,8 @@
 //!   velocity carries (Li & He 2025, "Back to Basics: Let Denoising Generative Models
 //!   Denoise"), and anchoring on the last frame makes an untrained network predict
 //!   "nothing moves", the strong baseline of a world model, from which it learns changes.
+//!   With the warp head (`FlowDitConfig::warp`) the anchor is first warped by the
+//!   network's displacement field: `x0_hat = warp(anchor, d) + out`.
 //!
 //! The loss squares the velocity error or, with [`LossOn::X0`], the clean-frame error.
 //!
@@ -20,7 +22,7 @@
 //! reproducible and a resumed run continues the same random stream.
 
 use crate::embedders::{ActionBatch, ActionEmbedder};
-use crate::flow_dit::FlowDit;
+use crate::flow_dit::{warp, FlowDit};
 use crate::motion_loss::{motion_weights, MotionLoss};
 use burn::prelude::*;
 use rand::Rng;
@@ -68,6 +70,12 @@ pub struct FlowConfig {
     /// Which error the loss squares (runs written before this field used the velocity).
     #[serde(default)]
     pub loss: LossOn,
+    /// When sampling with the warp head, displacements shorter than this many pixels are
+    /// set to zero: what should stay still is then copied exactly instead of being
+    /// resampled (and blurred) at every step of a rollout. 0 turns it off; training never
+    /// applies it.
+    #[serde(default)]
+    pub warp_snap: f32,
 }
 
 impl Default for FlowConfig {
@@ -77,8 +85,19 @@ impl Default for FlowConfig {
             sample_steps: 4,
             prediction: Prediction::X0,
             loss: LossOn::X0,
+            warp_snap: 0.0,
         }
     }
+}
+
+/// How [`velocity`] reads the network's output.
+#[derive(Debug, Clone, Copy)]
+pub struct Readout {
+    pub prediction: Prediction,
+    /// Smallest flow time divided by (clean-frame prediction).
+    pub t_min: f32,
+    /// See [`FlowConfig::warp_snap`] (0 in training).
+    pub warp_snap: f32,
 }
 
 /// The velocity the network implies for frames `x_t` `[B, F, C, H, W]` at flow times
@@ -92,19 +111,31 @@ pub fn velocity<B: Backend>(
     t: &[f32],
     anchor: Option<Tensor<B, 5>>,
     cond: Option<Tensor<B, 3>>,
-    prediction: Prediction,
-    t_min: f32,
+    read: Readout,
 ) -> Tensor<B, 5> {
+    let Readout {
+        prediction,
+        t_min,
+        warp_snap,
+    } = read;
     let [b, f, _, _, _] = xt.dims();
     let device = xt.device();
     let times = Tensor::<B, 2>::from_data(TensorData::new(t.to_vec(), [b, f]), &device);
-    let out = model.forward(xt.clone(), times, cond);
+    let (out, field) = model.forward_parts(xt.clone(), times, cond);
     match prediction {
         Prediction::Velocity => out,
         Prediction::X0 => {
             let inv: Vec<f32> = t.iter().map(|&ti| 1.0 / ti.max(t_min)).collect();
             let inv = Tensor::<B, 5>::from_data(TensorData::new(inv, [b, f, 1, 1, 1]), &device);
-            let anchor = anchor.expect("x0 prediction needs the anchor frames");
+            let mut anchor = anchor.expect("x0 prediction needs the anchor frames");
+            if let Some(mut field) = field {
+                if warp_snap > 0.0 {
+                    let length2 = field.clone().powf_scalar(2.0).sum_dim(2); // [B, F, 1, H, W]
+                    let keep = length2.greater_equal_elem(warp_snap * warp_snap).float();
+                    field = field * keep;
+                }
+                anchor = warp(anchor, field);
+            }
             (xt - anchor - out) * inv
         }
     }
@@ -248,7 +279,12 @@ pub fn flow_loss<B: Backend>(
     let xt = batch.x0.clone() * (t5.clone().neg() + 1.0) + noise.clone() * t5;
     let target = noise - batch.x0.clone();
     let cond = world.cond(batch.actions.as_ref());
-    let v = velocity(&world.dit, xt, &t, anchor, cond, cfg.prediction, T_MIN);
+    let read = Readout {
+        prediction: cfg.prediction,
+        t_min: T_MIN,
+        warp_snap: 0.0,
+    };
+    let v = velocity(&world.dit, xt, &t, anchor, cond, read);
     let mut weights =
         motion_weights(batch.x0, cfg.motion, cfg.strength, cfg.temperature) * mask.clone();
     if cfg.loss == LossOn::X0 {
@@ -301,8 +337,11 @@ pub fn sample_frames<B: Backend>(
             &times,
             anchor.clone(),
             cond.clone(),
-            cfg.prediction,
-            1e-6,
+            Readout {
+                prediction: cfg.prediction,
+                t_min: 1e-6,
+                warp_snap: cfg.warp_snap,
+            },
         )
         .narrow(1, k, new);
         x = x + v * (t_next - t_now) as f64;

@@ -13,7 +13,10 @@ use burn::module::{Initializer, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid, silu};
-use burn::tensor::module::attention;
+use burn::tensor::module::{attention, interpolate};
+use burn::tensor::ops::{
+    GridSampleOptions, GridSamplePaddingMode, InterpolateMode, InterpolateOptions,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +56,19 @@ pub struct FlowDitConfig {
     /// before this field had none.
     #[serde(default)]
     pub output_gate: bool,
+    /// A motion output (with clean-frame prediction): each token also predicts a 2-D
+    /// displacement, upsampled bilinearly to a per-pixel field that warps the last
+    /// context frame; the pixel output is a residual on that warped frame. Moving what is
+    /// there (the arm, the scrolling level) is then a small, smooth output learned from
+    /// the image gradients, instead of redrawing each moved patch pixel by pixel (the
+    /// transformations of Finn et al. 2016's robot-pushing video models). Off in configs
+    /// written before this field.
+    #[serde(default)]
+    pub warp: bool,
 }
+
+/// Pixels of displacement per unit of the warp head's output.
+pub const WARP_SCALE: f32 = 4.0;
 
 fn yes() -> bool {
     true
@@ -109,6 +124,11 @@ impl FlowDitConfig {
             final_proj: LinearConfig::new(d, self.patch_dim())
                 .with_initializer(Initializer::Zeros)
                 .init(device),
+            warp: self.warp.then(|| {
+                LinearConfig::new(d, 2)
+                    .with_initializer(Initializer::Zeros)
+                    .init(device)
+            }),
             skip: self.input_skip.then(|| {
                 LinearConfig::new(self.patch_dim(), self.patch_dim())
                     .with_initializer(Initializer::Zeros)
@@ -239,6 +259,8 @@ pub struct FlowDit<B: Backend> {
     final_proj: Linear<B>,
     /// Per-token output gate (see [`FlowDitConfig::output_gate`]).
     gate: Option<Linear<B>>,
+    /// Per-token displacement (see [`FlowDitConfig::warp`]).
+    warp: Option<Linear<B>>,
     /// Linear path from the input patches to the output. In pixel space a patch has
     /// more values (p*p*C) than the token width, and the velocity carries the noise of
     /// every value: without this path the transformer's width caps what it can predict.
@@ -330,15 +352,26 @@ impl<B: Backend> FlowDit<B> {
             .reshape([b, f, c, h, w])
     }
 
-    /// Predicted velocity for frames `x` `[B, F, C, H, W]` at per-frame flow times `t`
+    /// The network's output for frames `x` `[B, F, C, H, W]` at per-frame flow times `t`
     /// `[B, F]`, conditioned on per-frame action embeddings `cond` `[B, F, Dc]` when the
-    /// model has action modules.
+    /// model has action modules: `[B, F, C, H, W]` (see `flow.rs` for how it is read).
     pub fn forward(
         &self,
         x: Tensor<B, 5>,
         t: Tensor<B, 2>,
         cond: Option<Tensor<B, 3>>,
     ) -> Tensor<B, 5> {
+        self.forward_parts(x, t, cond).0
+    }
+
+    /// [`Self::forward`] and, for a model with the warp head, the per-pixel displacement
+    /// field `[B, F, 2, H, W]` in pixels (x then y; output pixel p is read from p + d).
+    pub fn forward_parts(
+        &self,
+        x: Tensor<B, 5>,
+        t: Tensor<B, 2>,
+        cond: Option<Tensor<B, 3>>,
+    ) -> (Tensor<B, 5>, Option<Tensor<B, 5>>) {
         let [_, f, c, h, w] = x.dims();
         let patches = self.patchify(x); // [B, F, N, p*p*C]
         let tokens = self.patch_embed.forward(patches.clone()); // [B, F, N, D]
@@ -360,12 +393,54 @@ impl<B: Backend> FlowDit<B> {
         let scale = m.narrow(2, d, d).unsqueeze_dim::<4>(2);
         let top = modulate(self.final_norm.forward(x), shift, scale);
         let mut out = match &self.gate {
-            Some(gate) => self.final_proj.forward(top.clone()) * sigmoid(gate.forward(top)),
-            None => self.final_proj.forward(top),
+            Some(gate) => self.final_proj.forward(top.clone()) * sigmoid(gate.forward(top.clone())),
+            None => self.final_proj.forward(top.clone()),
         };
         if let Some(skip) = &self.skip {
             out = out + skip.forward(patches);
         }
-        self.unpatchify(out, c, h, w)
+        let field = self.warp.as_ref().map(|head| {
+            let [b, _, _, _] = top.dims();
+            let (hp, wp) = (h / self.patch, w / self.patch);
+            let d = head.forward(top) * WARP_SCALE; // [B, F, N, 2]
+            let d = d.reshape([b * f, hp, wp, 2]).permute([0, 3, 1, 2]); // [BF, 2, hp, wp]
+                                                                         // Half-pixel alignment: each token's value sits at its patch's centre.
+            let d = interpolate(
+                d,
+                [h, w],
+                InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false),
+            );
+            d.reshape([b, f, 2, h, w])
+        });
+        (self.unpatchify(out, c, h, w), field)
     }
+}
+
+/// Warps frames `[B, F, C, H, W]` by per-pixel displacements `[B, F, 2, H, W]` (pixels;
+/// output pixel p is read, bilinearly, from p + d; reads past the edge take the edge).
+pub fn warp<B: Backend>(frames: Tensor<B, 5>, field: Tensor<B, 5>) -> Tensor<B, 5> {
+    let [b, f, c, h, w] = frames.dims();
+    let device = frames.device();
+    // Pixel centres in grid_sample's [-1, 1] coordinates (align_corners = false).
+    let mut base = Vec::with_capacity(h * w * 2);
+    for y in 0..h {
+        for x in 0..w {
+            base.push((2 * x + 1) as f32 / w as f32 - 1.0);
+            base.push((2 * y + 1) as f32 / h as f32 - 1.0);
+        }
+    }
+    let base = Tensor::<B, 4>::from_data(TensorData::new(base, [1, h, w, 2]), &device);
+    let scale = Tensor::<B, 1>::from_data(
+        TensorData::new(vec![2.0 / w as f32, 2.0 / h as f32], [2]),
+        &device,
+    )
+    .reshape([1, 1, 1, 2]);
+    let grid = base + field.reshape([b * f, 2, h, w]).permute([0, 2, 3, 1]) * scale;
+    let options = GridSampleOptions::new(InterpolateMode::Bilinear)
+        .with_padding_mode(GridSamplePaddingMode::Border)
+        .with_align_corners(false);
+    frames
+        .reshape([b * f, c, h, w])
+        .grid_sample_2d(grid, options)
+        .reshape([b, f, c, h, w])
 }

@@ -79,7 +79,57 @@ fn tiny() -> FlowDitConfig {
         time_freqs: 16,
         input_skip: false,
         output_gate: true,
+        warp: false,
     }
+}
+
+#[test]
+fn warp_moves_pixels_by_the_field_and_passes_gradients_to_it() {
+    use dws_models::flow_dit::warp;
+    let device = dev();
+    let (h, w) = (6usize, 8usize);
+    let img: Vec<f32> = (0..3 * h * w)
+        .map(|i| (i * 37 % 101) as f32 / 100.0)
+        .collect();
+    let frames = Tensor::<B, 5>::from_data(TensorData::new(img.clone(), [1, 1, 3, h, w]), &device);
+    let zero = Tensor::<B, 5>::zeros([1, 1, 2, h, w], &device);
+    let same: f32 = (warp(frames.clone(), zero) - frames.clone())
+        .abs()
+        .max()
+        .into_scalar();
+    assert!(same < 1e-5, "a zero field changed the frame by {same}");
+    // d = (+1, 0): output pixel x reads x + 1 (the last column reads the edge).
+    let mut d = vec![0f32; 2 * h * w];
+    d[..h * w].fill(1.0);
+    let field = Tensor::<B, 5>::from_data(TensorData::new(d, [1, 1, 2, h, w]), &device);
+    let out = to_vec(warp(frames, field));
+    for c in 0..3 {
+        for y in 0..h {
+            for x in 0..w {
+                let src = (c * h + y) * w + (x + 1).min(w - 1);
+                let got = out[(c * h + y) * w + x];
+                assert!(
+                    (got - img[src]).abs() < 1e-5,
+                    "({c},{y},{x}): {got} vs {}",
+                    img[src]
+                );
+            }
+        }
+    }
+    // Half a pixel right and down: the mean of four neighbours; a gradient reaches the field.
+    let frames = Tensor::<AD, 5>::from_data(TensorData::new(img.clone(), [1, 1, 3, h, w]), &device);
+    let field = Tensor::<AD, 5>::zeros([1, 1, 2, h, w], &device).require_grad();
+    let field_half = field.clone() + 0.5;
+    let out = warp(frames, field_half);
+    let v: Vec<f32> = out.clone().into_data().to_vec().unwrap();
+    let mean4 = (img[0] + img[1] + img[w] + img[w + 1]) / 4.0;
+    assert!((v[0] - mean4).abs() < 1e-5, "{} vs {mean4}", v[0]);
+    let grads = out.sum().backward();
+    let g: Vec<f32> = field.grad(&grads).unwrap().into_data().to_vec().unwrap();
+    assert!(
+        g.iter().any(|x| x.abs() > 1e-3),
+        "no gradient reaches the field"
+    );
 }
 
 #[test]
@@ -192,6 +242,28 @@ fn untrained_x0_model_predicts_the_last_context_frame_and_velocity_model_does_no
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         sample_frames(&model, context.clone(), 2, None, &cfg, &mut rng)
     };
+    // Also with the warp head (zero-initialised: no displacement).
+    let warped = FlowDitConfig {
+        warp: true,
+        ..tiny()
+    }
+    .init::<B>(&device);
+    let cfg = FlowConfig {
+        shift: 3.0,
+        sample_steps: 5,
+        prediction: Prediction::X0,
+        ..FlowConfig::default()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let gap: f32 = (sample_frames(&warped, context.clone(), 2, None, &cfg, &mut rng)
+        - last.clone())
+    .abs()
+    .max()
+    .into_scalar();
+    assert!(
+        gap < 1e-4,
+        "untrained warp model moved the last frame by {gap}"
+    );
     // A fresh network outputs zeros (adaLN-Zero, zero-initialised projections): as a
     // clean-frame change that is "nothing moves", so every Euler step pulls the noise
     // onto the last context frame and the last step lands on it.

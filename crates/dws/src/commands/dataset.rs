@@ -31,6 +31,9 @@ pub enum Command {
         #[arg(long, default_value_t = 2)]
         scale: usize,
     },
+    /// Import episodes from .npz archives, frame folders, videos or the BAIR robot-pushing
+    /// TFRecords (see --help for the layouts and the frame/action alignment rule).
+    Import(crate::commands::import::ImportArgs),
     /// Export every episode as a numpy .npz (frames, actions, rewards, terminated, truncated).
     ExportNpz {
         dir: PathBuf,
@@ -58,6 +61,7 @@ pub fn run(cmd: Command) -> Result<()> {
             println!("wrote {}", out.display());
             Ok(())
         }
+        Command::Import(a) => crate::commands::import::import(a),
         Command::ExportNpz { dir, out } => {
             let ds = Dataset::open(&dir)?;
             let files = export_npz(&ds, &out)?;

@@ -50,6 +50,11 @@ pub struct EvalArgs {
     /// Euler steps per frame (default: the run's config).
     #[arg(long)]
     pub sample_steps: Option<usize>,
+    /// Warp-head displacements shorter than this many pixels are set to zero while
+    /// sampling, so still parts are copied instead of resampled (default: the run's
+    /// config; 0 = off). See README, "Status".
+    #[arg(long)]
+    pub warp_snap: Option<f32>,
     /// Output directory (default: `eval` inside the run directory).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -188,10 +193,7 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
         bail!("FVD compares sets of clips and needs --clips 2 or more (or pass --no-fvd)");
     }
     let (mut cfg, world, ckpt) = super::world::load_world::<B>(&a.ckpt, &device)?;
-    if let Some(s) = a.sample_steps {
-        ensure!(s >= 1, "--sample-steps must be at least 1");
-        cfg.flow.sample_steps = s;
-    }
+    super::world::override_sampling(&mut cfg, a.sample_steps, a.warp_snap)?;
     let ds = Dataset::open(&a.data).with_context(|| format!("opening {}", a.data.display()))?;
     let [h, w, c] = ds.header().frame_shape;
     ensure!(

@@ -4,6 +4,7 @@ pub mod collect;
 pub mod dataset;
 pub mod envs;
 pub mod eval;
+pub mod import;
 pub mod metrics;
 pub mod predict;
 pub mod quickstart;

@@ -57,6 +57,11 @@ pub struct PredictArgs {
     /// Euler steps per frame (default: the run's config).
     #[arg(long)]
     pub sample_steps: Option<usize>,
+    /// Warp-head displacements shorter than this many pixels are set to zero while
+    /// sampling, so still parts are copied instead of resampled (default: the run's
+    /// config; 0 = off). See README, "Status".
+    #[arg(long)]
+    pub warp_snap: Option<f32>,
     /// Output GIF (ground truth | prediction | difference); a PNG filmstrip and a JSON
     /// report are written beside it.
     #[arg(long)]
@@ -258,12 +263,7 @@ impl Job for PredictJob {
 
 fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
     let (mut cfg, world, ckpt) = super::world::load_world::<B>(&a.ckpt, &device)?;
-    if let Some(s) = a.sample_steps {
-        if s == 0 {
-            bail!("--sample-steps must be at least 1");
-        }
-        cfg.flow.sample_steps = s;
-    }
+    super::world::override_sampling(&mut cfg, a.sample_steps, a.warp_snap)?;
     if a.context == 0 || a.horizon == 0 || a.episodes == 0 {
         bail!("--context, --horizon and --episodes must be at least 1");
     }

@@ -201,6 +201,7 @@ pub fn run(args: Args) -> Result<()> {
         episodes: heldout_episodes(args.preset),
         actions_from: None,
         sample_steps: None,
+        warp_snap: None,
         context: 1,
         horizon: 15,
         out: gif.clone(),
@@ -216,6 +217,7 @@ pub fn run(args: Args) -> Result<()> {
         clips: eval_clips(args.preset),
         seed: args.seed,
         sample_steps: None,
+        warp_snap: None,
         out: Some(args.out.join("eval")),
         name: Some("push-dws".into()),
         no_fvd: false,
@@ -266,7 +268,7 @@ pub fn run(args: Args) -> Result<()> {
         args.out.join("eval").join("report.html").display()
     );
     if preset == "debug" {
-        println!("The debug preset trains for under a minute: it shows the pipeline, not a useful model. `--preset small` trains the larger small model (about 30 minutes on 2 cores); it does not beat the repeat-frame reference yet either (README, Status).");
+        println!("The debug preset trains for under a minute: it shows the pipeline, not a useful model. `--preset small` trains the larger small model (about 30 minutes on 2 cores); it beats a fine-tune without actions, not yet the repeat-frame reference over 15 frames (README, Status).");
     }
     println!(
         "done in {:.1} s. Next: `dws dataset info {}`, `dws eval --help` (more clips, other models, `dws compare`), `dws metrics --help` (your own videos).",

@@ -7,7 +7,7 @@
 //! out (see `predict.rs`).
 
 use crate::device::{dispatch, DeviceArg, Job};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use dws_data::{ActionSpace, ClipSampler, Dataset};
@@ -123,6 +123,30 @@ impl RunConfig {
 }
 
 /// The run directory of a path that is a run or one of its checkpoints.
+/// The sampling flags of `predict` and `eval` applied over a run's stored config.
+pub fn override_sampling(
+    cfg: &mut RunConfig,
+    sample_steps: Option<usize>,
+    warp_snap: Option<f32>,
+) -> Result<()> {
+    if let Some(s) = sample_steps {
+        ensure!(s >= 1, "--sample-steps must be at least 1");
+        cfg.flow.sample_steps = s;
+    }
+    if let Some(px) = warp_snap {
+        ensure!(
+            px.is_finite() && px >= 0.0,
+            "--warp-snap is a length in pixels, 0 or more"
+        );
+        ensure!(
+            cfg.model.warp,
+            "--warp-snap needs a model with the warp head; this run's config has `warp = false`"
+        );
+        cfg.flow.warp_snap = px;
+    }
+    Ok(())
+}
+
 pub fn run_of(path: &Path) -> PathBuf {
     if path.join("state.json").is_file() {
         if let Some(run) = path.parent().and_then(|p| p.parent()) {
