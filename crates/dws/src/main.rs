@@ -36,6 +36,8 @@ enum Command {
     Finetune(commands::world::FinetuneArgs),
     /// Roll a model out on a dataset episode; GIF of ground truth | prediction.
     Predict(commands::predict::PredictArgs),
+    /// Drive a world simulator from the browser, beside the real environment.
+    Play(commands::play::PlayArgs),
     /// Score a model on held-out clips (PSNR, SSIM, LPIPS, FVD) beside the repeat-last-frame
     /// reference; writes metrics.json, plots, GIFs and an HTML report.
     Eval(commands::eval::EvalArgs),
@@ -76,6 +78,7 @@ fn main() {
         Command::Pretrain(a) => commands::world::pretrain(a),
         Command::Finetune(a) => commands::world::finetune(a),
         Command::Predict(a) => commands::predict::predict(a).map(|_| ()),
+        Command::Play(a) => commands::play::play(a),
         Command::Eval(a) => commands::eval::eval(a).map(|_| ()),
         Command::Compare(a) => commands::eval::compare(a).map(|_| ()),
         Command::Metrics(c) => commands::metrics::run(c),

@@ -41,6 +41,24 @@ pub enum Command {
         #[arg(long, default_value = "cpu")]
         device: crate::device::DeviceArg,
     },
+    /// Frames per second of `dws play` as the page sees them: a server on this machine and
+    /// `--tabs` WebSocket clients stepping as fast as it answers (model and real env).
+    Play {
+        /// A fine-tuned run directory or checkpoint.
+        #[arg(long)]
+        ckpt: std::path::PathBuf,
+        /// Numbers of open tabs to measure, one after the other.
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        tabs: Vec<usize>,
+        /// Seconds per measurement (after a warm-up step per tab).
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Euler steps per frame (default: the run's config).
+        #[arg(long)]
+        sample_steps: Option<usize>,
+        #[arg(long, default_value = "cpu")]
+        device: crate::device::DeviceArg,
+    },
     /// Imagined frames per second: batched autoregressive rollout with the preset's
     /// sampler steps.
     Imagine {
@@ -299,6 +317,13 @@ pub fn run(cmd: Command) -> Result<()> {
                 frames,
             },
         )?,
+        Command::Play {
+            ckpt,
+            tabs,
+            seconds,
+            sample_steps,
+            device,
+        } => play_bench(ckpt, &tabs, seconds, sample_steps, device)?,
         Command::Metrics {
             clips,
             frames,
@@ -337,6 +362,110 @@ pub fn run(cmd: Command) -> Result<()> {
                 "ms",
             );
         }
+    }
+    Ok(())
+}
+
+/// `bench play`: per measurement, `tabs` clients each reset and then step the server as
+/// fast as it answers for `seconds`; prints frames per second per tab and in all.
+fn play_bench(
+    ckpt: std::path::PathBuf,
+    tabs: &[usize],
+    seconds: f64,
+    sample_steps: Option<usize>,
+    device: crate::device::DeviceArg,
+) -> Result<()> {
+    use super::play::{spawn, PlayArgs};
+    use tungstenite::Message;
+    let most = tabs.iter().copied().max().unwrap_or(0);
+    anyhow::ensure!(
+        most >= 1,
+        "--tabs must name at least one count of 1 or more"
+    );
+    let addr = spawn(PlayArgs {
+        ckpt: Some(ckpt),
+        data: None,
+        host: "127.0.0.1".into(),
+        port: 0,
+        no_real: false,
+        real_only: false,
+        env: None,
+        env_opts: String::new(),
+        max_sessions: most,
+        sample_steps,
+        seed: 0,
+        device,
+    })?;
+    let url = format!("ws://{addr}/ws");
+    for &n in tabs {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+        let clients: Vec<_> = (0..n)
+            .map(|_| {
+                let (url, barrier) = (url.clone(), barrier.clone());
+                std::thread::spawn(move || -> Result<(u64, f64, f64)> {
+                    let (mut ws, _) = tungstenite::connect(url)?;
+                    let hello = match ws.read()? {
+                        Message::Text(t) => serde_json::from_str::<serde_json::Value>(t.as_str())?,
+                        other => anyhow::bail!("expected the server's hello, got {other:?}"),
+                    };
+                    anyhow::ensure!(hello["type"] == "hello", "the server said {hello}");
+                    // The action repeated: id 0, or the zero vector.
+                    let space = &hello["action_space"];
+                    let action = match space["dim"].as_u64() {
+                        Some(dim) => serde_json::json!(vec![0.0; dim as usize]),
+                        None => serde_json::json!(0),
+                    };
+                    let action = serde_json::json!({"type": "act", "action": action}).to_string();
+                    // One frame: a JSON message, then the pixels.
+                    let mut exchange = |msg: &str| -> Result<f64> {
+                        ws.send(Message::text(msg))?;
+                        let mut ms = 0.0;
+                        loop {
+                            match ws.read()? {
+                                Message::Text(t) => {
+                                    let v: serde_json::Value = serde_json::from_str(t.as_str())?;
+                                    anyhow::ensure!(v["type"] != "error", "server error: {v}");
+                                    ms = v["sim_ms"].as_f64().unwrap_or(ms);
+                                }
+                                Message::Binary(_) => return Ok(ms),
+                                _ => {}
+                            }
+                        }
+                    };
+                    exchange(r#"{"type":"reset"}"#)?;
+                    exchange(&action)?;
+                    barrier.wait();
+                    let started = Instant::now();
+                    let (mut frames, mut ms_sum) = (0u64, 0.0);
+                    while started.elapsed().as_secs_f64() < seconds {
+                        ms_sum += exchange(&action)?;
+                        frames += 1;
+                    }
+                    Ok((frames, started.elapsed().as_secs_f64(), ms_sum))
+                })
+            })
+            .collect();
+        let mut total = 0.0;
+        let mut per_tab = Vec::new();
+        let mut ms = 0.0;
+        let mut frames_all = 0;
+        for c in clients {
+            let (frames, secs, ms_sum) = c
+                .join()
+                .map_err(|_| anyhow::anyhow!("a bench client panicked"))??;
+            per_tab.push(frames as f64 / secs);
+            total += frames as f64 / secs;
+            ms += ms_sum;
+            frames_all += frames;
+        }
+        let mean_tab = per_tab.iter().sum::<f64>() / per_tab.len() as f64;
+        emit(&format!("play/tabs={n}/fps_per_tab"), mean_tab, "frames/s");
+        emit(&format!("play/tabs={n}/fps_total"), total, "frames/s");
+        emit(
+            &format!("play/tabs={n}/model_call_ms"),
+            ms / frames_all.max(1) as f64,
+            "ms",
+        );
     }
     Ok(())
 }

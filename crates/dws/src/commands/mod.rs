@@ -6,6 +6,7 @@ pub mod envs;
 pub mod eval;
 pub mod import;
 pub mod metrics;
+pub mod play;
 pub mod predict;
 pub mod quickstart;
 pub mod world;

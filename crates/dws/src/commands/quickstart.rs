@@ -275,7 +275,11 @@ pub fn run(args: Args) -> Result<()> {
         started.elapsed().as_secs_f64(),
         dirs[0].display()
     );
-    println!("Not built yet: play, RL.");
+    println!(
+        "Drive the world simulator yourself, beside the real pushing task: `dws play --ckpt {}` and open the address it prints.",
+        dws_run.display()
+    );
+    println!("Not built yet: RL.");
     if !cfg!(feature = "atari") {
         println!(
             "Atari is left out of this build; add `--features atari` (needs cmake) to include it."
