@@ -601,3 +601,39 @@ fn the_page_plays_the_model_beside_the_real_env_in_chromium() {
         .unwrap_or_else(|| tmp.path().join("play.png"));
     std::fs::write(&out, png).unwrap();
 }
+
+#[test]
+fn procgen_keys_and_templates_reach_the_page() {
+    let server = Server::start(&["--real-only", "--env", "procgen:coinrun"]);
+    let (mut ws, hello) = server.connect();
+    assert_eq!(hello["mode"], "real");
+    assert_eq!(hello["templates"].as_array().unwrap().len(), 15);
+    // Nine directions, with and without fire.
+    let keymap = hello["keymap"].as_array().unwrap();
+    assert_eq!(keymap.len(), 18);
+    assert!(keymap.contains(&json!([1, 0, 0, 7])), "right is action 7");
+    let (meta, px) = step(&mut ws, json!({"type": "reset"}));
+    assert_eq!(
+        (meta["t"].as_u64(), px[1]),
+        (Some(0), 2),
+        "the real pane only"
+    );
+    let (meta, _) = step(&mut ws, json!({"type": "act", "action": 7}));
+    assert_eq!(meta["template"], "move right");
+    assert!(meta["reward"].as_f64().is_some());
+    assert!(
+        expect_error(&mut ws, Message::text(r#"{"type":"act","action":15}"#))
+            .contains("unknown action 15")
+    );
+    assert!(
+        expect_error(&mut ws, Message::text(r#"{"type":"act","action":[1,0]}"#))
+            .contains("discrete action")
+    );
+    // Running right changes what is seen.
+    let first = step(&mut ws, json!({"type": "act", "action": 7})).1;
+    let mut last = first.clone();
+    for _ in 0..20 {
+        last = step(&mut ws, json!({"type": "act", "action": 7})).1;
+    }
+    assert_ne!(first, last);
+}
