@@ -10,7 +10,7 @@
 use burn::module::Initializer;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
+use dws_kernels::gelu;
 
 #[derive(Config, Debug)]
 pub struct ActionModuleConfig {

@@ -12,11 +12,12 @@ use crate::action_module::{ActionModule, ActionModuleConfig};
 use burn::module::{Initializer, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, sigmoid, silu};
+// Fused CPU kernels on Flex, burn's operations on other backends.
 use burn::tensor::module::{attention, interpolate};
 use burn::tensor::ops::{
     GridSampleOptions, GridSamplePaddingMode, InterpolateMode, InterpolateOptions,
 };
+use dws_kernels::{gelu, sigmoid, silu};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

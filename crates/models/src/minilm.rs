@@ -4,7 +4,7 @@
 
 use crate::{ModelError, Result};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
+use dws_kernels::{gelu, softmax};
 use safetensors::SafeTensors;
 use std::path::Path;
 
@@ -181,7 +181,7 @@ impl<B: Backend> MiniLm<B> {
             let k = heads(layer.k.forward(x.clone()));
             let v = heads(layer.v.forward(x.clone()));
             let scores = q.matmul(k.swap_dims(1, 2)) / (hd as f64).sqrt();
-            let ctx = softmax(scores, 2)
+            let ctx = softmax(scores)
                 .matmul(v)
                 .swap_dims(0, 1)
                 .reshape([n, WIDTH]);

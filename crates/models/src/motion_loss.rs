@@ -9,7 +9,7 @@
 //! channels, so one weight covers every channel of a position. Weights carry no gradient.
 
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
+use dws_kernels::softmax;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +56,7 @@ pub fn motion_weights<B: Backend>(
         .abs()
         .mean_dim(2) // [B, F-1, 1, H, W]
         .reshape([b, f - 1, h * w]);
-    let s = softmax(diff / temperature as f64, 2); // [B, F-1, HW]
+    let s = softmax(diff / temperature as f64); // [B, F-1, HW], over HW
     let s = match mode {
         MotionLoss::SoftmaxMax => s.clone() / s.max_dim(2),
         _ => s,

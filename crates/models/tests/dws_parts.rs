@@ -282,3 +282,74 @@ fn untrained_x0_model_predicts_the_last_context_frame_and_velocity_model_does_no
         "velocity sampling came out near the anchor ({gap})"
     );
 }
+
+#[test]
+fn the_fused_kernels_and_burns_operations_give_the_same_model_outputs() {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+    // Autodiff<Flex> takes the fused kernels; the same CPU backend with another
+    // checkpointing strategy is another backend type and takes burn's operations.
+    type Other = Autodiff<Flex, BalancedCheckpointing>;
+    assert_eq!(dws_kernels::path::<AD>(), dws_kernels::Path::Fused);
+    assert_eq!(dws_kernels::path::<Other>(), dws_kernels::Path::Reference);
+    let device = dev();
+    AD::seed(&device, 3);
+    let cfg = FlowDitConfig {
+        warp: true,
+        ..tiny()
+    };
+    let mut fused = cfg.init::<AD>(&device).attach_action_modules(8, &device);
+    let x: Vec<f32> = (0..2 * 3 * 3 * 16 * 16)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let t = [0.0f32, 0.5, 0.5, 0.0, 0.0, 0.9];
+    let cond: Vec<f32> = (0..2 * 3 * 8).map(|i| (i as f32 * 0.37).sin()).collect();
+    let inputs = |device: &burn::backend::flex::FlexDevice| {
+        (
+            TensorData::new(x.clone(), [2, 3, 3, 16, 16]),
+            TensorData::new(t.to_vec(), [2, 3]),
+            TensorData::new(cond.clone(), [2, 3, 8]),
+            *device,
+        )
+    };
+    // A few steps so the zero-initialised output layers and action modules take part.
+    let mut opt = AdamWConfig::new().init::<AD, _>();
+    for _ in 0..3 {
+        let (xd, td, cd, d) = inputs(&device);
+        let x = Tensor::<AD, 5>::from_data(xd, &d);
+        let out = fused.forward(
+            x.clone(),
+            Tensor::from_data(td, &d),
+            Some(Tensor::from_data(cd, &d)),
+        );
+        let loss = (out - x.flip([1])).powf_scalar(2.0).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &fused);
+        fused = opt.step(1e-2, fused, grads);
+    }
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let bytes = recorder.record(fused.clone().into_record(), ()).unwrap();
+    let record = Recorder::<Other>::load(&recorder, bytes, &device).unwrap();
+    let reference = cfg
+        .init::<Other>(&device)
+        .attach_action_modules(8, &device)
+        .load_record(record);
+    let (xd, td, cd, d) = inputs(&device);
+    let a = to_vec(fused.forward(
+        Tensor::from_data(xd.clone(), &d),
+        Tensor::from_data(td.clone(), &d),
+        Some(Tensor::from_data(cd.clone(), &d)),
+    ));
+    let b = to_vec(reference.forward(
+        Tensor::from_data(xd, &d),
+        Tensor::from_data(td, &d),
+        Some(Tensor::from_data(cd, &d)),
+    ));
+    let gap = a
+        .iter()
+        .zip(&b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    let scale = b.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    assert!(scale > 1e-3, "the model's output is not trivially zero");
+    assert!(gap <= 1e-5 * scale.max(1.0), "outputs differ by {gap}");
+}

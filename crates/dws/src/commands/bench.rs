@@ -59,6 +59,22 @@ pub enum Command {
         #[arg(long, default_value = "cpu")]
         device: crate::device::DeviceArg,
     },
+    /// burn's operations against dws's fused CPU kernels (GELU, SiLU, sigmoid, exp, erf,
+    /// tanh, softmax) at model shapes, forward and forward+backward; with `--torch FILE`
+    /// (the output of `scripts/bench_ops_torch.py`) also the ratios against PyTorch.
+    Ops {
+        /// Seconds per measurement at most.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// JSON lines from the PyTorch peer script, run on this machine.
+        #[arg(long)]
+        torch: Option<std::path::PathBuf>,
+        /// Only the first shape of each operation.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "cpu")]
+        device: crate::device::DeviceArg,
+    },
     /// Imagined frames per second: batched autoregressive rollout with the preset's
     /// sampler steps.
     Imagine {
@@ -324,6 +340,19 @@ pub fn run(cmd: Command) -> Result<()> {
             sample_steps,
             device,
         } => play_bench(ckpt, &tabs, seconds, sample_steps, device)?,
+        Command::Ops {
+            seconds,
+            torch,
+            quick,
+            device,
+        } => crate::device::dispatch(
+            device,
+            super::bench_ops::OpsBench {
+                seconds,
+                torch,
+                quick,
+            },
+        )?,
         Command::Metrics {
             clips,
             frames,

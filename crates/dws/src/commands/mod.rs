@@ -1,5 +1,6 @@
 pub mod assets;
 pub mod bench;
+pub mod bench_ops;
 pub mod collect;
 pub mod dataset;
 pub mod envs;

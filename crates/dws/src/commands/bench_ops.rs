@@ -1,0 +1,209 @@
+//! `dws bench ops`: burn's own operations against the fused kernels (`dws-kernels`) at
+//! the shapes dws models use, and, given the PyTorch peer's output
+//! (`scripts/bench_ops_torch.py`), both against PyTorch eager.
+
+use super::bench::emit;
+use anyhow::{Context, Result};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use dws_kernels::Unary;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub struct OpsBench {
+    /// Seconds per measurement at most (at least 5 timed runs).
+    pub seconds: f64,
+    /// JSON lines of the PyTorch peer, for ratios against PyTorch.
+    pub torch: Option<PathBuf>,
+    /// Only the first shape of each operation.
+    pub quick: bool,
+}
+
+/// Median milliseconds of `f` after two warm-up runs.
+fn time_ms(seconds: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    f();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 5 || (start.elapsed().as_secs_f64() < seconds && times.len() < 100) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+fn random<B: Backend, const D: usize>(shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    Tensor::random(shape, burn::tensor::Distribution::Normal(0.0, 3.0), device)
+}
+
+fn shape_name(shape: &[usize]) -> String {
+    shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("x")
+}
+
+/// An operation with burn's composition and the fused kernel, on any backend.
+trait Op {
+    fn name(&self) -> &'static str;
+    fn burn<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
+    fn fused<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
+}
+
+impl Op for Unary {
+    fn name(&self) -> &'static str {
+        Unary::name(*self)
+    }
+    fn burn<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        dws_kernels::unary_reference(*self, x)
+    }
+    fn fused<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        dws_kernels::unary(*self, x)
+    }
+}
+
+/// Softmax (`false`) or log-softmax (`true`) along the last dimension.
+struct Softmax(bool);
+
+impl Op for Softmax {
+    fn name(&self) -> &'static str {
+        if self.0 {
+            "log_softmax"
+        } else {
+            "softmax"
+        }
+    }
+    fn burn<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        dws_kernels::softmax_reference(x, self.0)
+    }
+    fn fused<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if self.0 {
+            dws_kernels::log_softmax(x)
+        } else {
+            dws_kernels::softmax(x)
+        }
+    }
+}
+
+/// One operation measured both ways, forward (no autodiff) and forward+backward.
+fn measure<B: AutodiffBackend, const D: usize>(
+    op: &impl Op,
+    shape: [usize; D],
+    seconds: f64,
+    device: &B::Device,
+    out: &mut Vec<(String, f64)>,
+) -> Result<()> {
+    let x = random::<B::InnerBackend, D>(shape, device);
+    let base = format!("ops/{}/{}", op.name(), shape_name(&shape));
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"));
+    let fwd = |fused: bool| {
+        time_ms(seconds, || {
+            let y = if fused {
+                op.fused(x.clone())
+            } else {
+                op.burn(x.clone())
+            };
+            drop(y);
+            let _ = sync();
+        })
+    };
+    let fwdbwd = |fused: bool| {
+        time_ms(seconds, || {
+            let xa = Tensor::<B, D>::from_inner(x.clone()).require_grad();
+            let y = if fused {
+                op.fused(xa.clone())
+            } else {
+                op.burn(xa.clone())
+            };
+            let grads = y.backward();
+            let _ = xa.grad(&grads);
+            let _ = sync();
+        })
+    };
+    let results = [
+        ("fwd", fwd(false), fwd(true)),
+        ("fwdbwd", fwdbwd(false), fwdbwd(true)),
+    ];
+    sync()?;
+    for (pass, b, f) in results {
+        let key = format!("{base}/{pass}");
+        emit(&format!("{key}/burn_ms"), b, "ms");
+        emit(&format!("{key}/fused_ms"), f, "ms");
+        emit(&format!("{key}/speedup"), b / f, "x");
+        out.push((format!("{key}/burn_ms"), b));
+        out.push((format!("{key}/fused_ms"), f));
+    }
+    Ok(())
+}
+
+impl crate::device::Job for OpsBench {
+    type Out = ();
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        emit("ops/threads", rayon_threads() as f64, "threads");
+        let mut out = Vec::new();
+        let s = self.seconds;
+        for op in Unary::ALL {
+            measure::<B, 3>(&op, [8, 256, 768], s, &device, &mut out)?;
+        }
+        for log in [false, true] {
+            measure::<B, 4>(&Softmax(log), [8, 6, 256, 256], s, &device, &mut out)?;
+            if !self.quick {
+                measure::<B, 2>(&Softmax(log), [64, 1024], s, &device, &mut out)?;
+            }
+        }
+        if let Some(path) = &self.torch {
+            against_torch(path, &out)?;
+        }
+        Ok(())
+    }
+}
+
+/// Threads the kernels split large inputs over.
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Ratios `torch_ms / ours_ms` (≥ 1: at or above PyTorch) for every measurement the
+/// peer's output also has.
+fn against_torch(path: &std::path::Path, ours: &[(String, f64)]) -> Result<()> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the PyTorch peer's output {}", path.display()))?;
+    let mut torch = HashMap::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
+        if let (Some(name), Some(value)) = (v["bench"].as_str(), v["value"].as_f64()) {
+            if let Some(key) = name.strip_suffix("/torch_ms") {
+                torch.insert(key.to_string(), value);
+            }
+        }
+    }
+    let mut matched = 0;
+    for (name, ms) in ours {
+        for (suffix, label) in [
+            ("/fused_ms", "fused_vs_torch"),
+            ("/burn_ms", "burn_vs_torch"),
+        ] {
+            if let Some(key) = name.strip_suffix(suffix) {
+                if let Some(t) = torch.get(key) {
+                    emit(&format!("{key}/{label}"), t / ms, "x");
+                    matched += 1;
+                }
+            }
+        }
+    }
+    anyhow::ensure!(
+        matched > 0,
+        "{} has no measurement named like ours (ops/<op>/<shape>/<pass>/torch_ms)",
+        path.display()
+    );
+    Ok(())
+}

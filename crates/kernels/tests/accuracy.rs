@@ -1,0 +1,242 @@
+//! The fused kernels against f64 references and against burn's own operations.
+
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use dws_kernels::{math, path, softmax_reference, unary, unary_reference, Path, Unary};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn reference(op: Unary, x: f64) -> f64 {
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let limit0 = |v: f64| if x == f64::NEG_INFINITY { 0.0 } else { v };
+    match op {
+        Unary::Exp => x.exp(),
+        Unary::Erf => libm::erf(x),
+        Unary::Tanh => x.tanh(),
+        Unary::Sigmoid => sig(x),
+        Unary::Silu => limit0(x * sig(x)),
+        Unary::Gelu => limit0(0.5 * x * (1.0 + libm::erf(x / 2f64.sqrt()))),
+        Unary::GeluTanh => {
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+            limit0(0.5 * x * (1.0 + u.tanh()))
+        }
+    }
+}
+
+/// Inputs across each function's range: a dense grid, magnitudes from 1e-30 to 1e30
+/// with both signs, and the special values.
+fn inputs() -> Vec<f32> {
+    let mut xs: Vec<f32> = (0..=400_000).map(|i| -100.0 + i as f32 * 5e-4).collect();
+    for e in -30..=30 {
+        for m in [1.0f32, 2.5, 7.3] {
+            let v = m * 10f32.powi(e);
+            xs.push(v);
+            xs.push(-v);
+        }
+    }
+    xs.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE,
+        f32::MAX,
+        f32::MIN,
+    ]);
+    xs
+}
+
+/// (absolute, relative) error bounds as documented in `math.rs`; relative only where the
+/// result is a normal f32.
+fn bounds(op: Unary, x: f64) -> (f64, f64) {
+    match op {
+        Unary::Exp => (0.0, 3e-7),
+        Unary::Erf => (3e-7, 1e-6),
+        Unary::Tanh => (3e-7, 2e-6),
+        _ => (1e-6 * x.abs().max(1.0), 0.0),
+    }
+}
+
+#[test]
+fn each_function_is_within_its_stated_error() {
+    let xs = inputs();
+    for op in Unary::ALL {
+        let mut got = vec![0f32; xs.len()];
+        // The vector path (threads, SIMD), and the scalar one.
+        math::forward(op, &mut got, &xs);
+        let mut worst = (0.0f64, 0.0f32);
+        for (&x, &y) in xs.iter().zip(&got) {
+            assert_eq!(
+                y.to_bits(),
+                math::scalar(op, x).to_bits(),
+                "{op:?}({x}): vector and scalar paths agree"
+            );
+            let want = reference(op, x as f64);
+            if want.is_nan() {
+                assert!(y.is_nan(), "{op:?}({x}) = {y}, want NaN");
+                continue;
+            }
+            if want.is_infinite() {
+                assert_eq!(y as f64, want, "{op:?}({x})");
+                continue;
+            }
+            if want.abs() > f32::MAX as f64 {
+                // Past the largest f32: infinity or the largest value, with the right sign.
+                let near = (y as f64 - want).abs() <= 3e-7 * want.abs();
+                assert!(
+                    y.is_infinite() && y.signum() as f64 == want.signum() || near,
+                    "{op:?}({x}) = {y}"
+                );
+                continue;
+            }
+            let err = (y as f64 - want).abs();
+            let (abs, rel) = bounds(op, x as f64);
+            let ok = if op == Unary::Exp {
+                // Results below the smallest normal f32 flush to zero.
+                want < 2.7e-38 && y == 0.0 || err <= rel * want.abs()
+            } else {
+                err <= abs || (want.abs() >= f32::MIN_POSITIVE as f64 && err <= rel * want.abs())
+            };
+            assert!(ok, "{op:?}({x}) = {y}, want {want} (error {err:e})");
+            let scaled = err / want.abs().max(1e-30);
+            if scaled > worst.0 && want.abs() > 1e-30 {
+                worst = (scaled, x);
+            }
+        }
+        eprintln!(
+            "{op:?}: worst relative error {:.2e} at {}",
+            worst.0, worst.1
+        );
+    }
+}
+
+#[test]
+fn softmax_rows_match_f64() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    for n in [1usize, 7, 64, 257, 1000] {
+        let rows = 40;
+        let mut x: Vec<f32> = (0..rows * n).map(|_| rng.gen_range(-30.0..30.0)).collect();
+        // A masked row (as causal attention makes) and one with a NaN.
+        for v in &mut x[n..2 * n].iter_mut().skip(1) {
+            *v = f32::NEG_INFINITY;
+        }
+        x[2 * n] = f32::NAN;
+        for log in [false, true] {
+            let mut y = vec![0f32; x.len()];
+            math::softmax(&mut y, &x, n, log);
+            for r in 0..rows {
+                let row = &x[r * n..(r + 1) * n];
+                let got = &y[r * n..(r + 1) * n];
+                if r == 2 {
+                    assert!(got.iter().all(|v| v.is_nan()), "a NaN spreads over its row");
+                    continue;
+                }
+                let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+                let sum: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+                for (&v, &g) in row.iter().zip(got) {
+                    let want = if log {
+                        v as f64 - m - sum.ln()
+                    } else {
+                        (v as f64 - m).exp() / sum
+                    };
+                    if want == f64::NEG_INFINITY {
+                        assert_eq!(g, f32::NEG_INFINITY);
+                        continue;
+                    }
+                    let tol = if log {
+                        2e-6 * want.abs().max(1.0)
+                    } else {
+                        1e-6 * want.max(1e-3)
+                    };
+                    assert!(
+                        (g as f64 - want).abs() <= tol,
+                        "n {n} row {r}: {g} vs {want} (log {log})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+type A = Autodiff<Flex>;
+
+fn random<B: Backend, const D: usize>(shape: [usize; D], scale: f32, seed: u64) -> Tensor<B, D> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0) * scale).collect();
+    Tensor::from_data(TensorData::new(v, shape), &Default::default())
+}
+
+fn max_gap<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    (a - b).abs().max().into_scalar().elem::<f32>()
+}
+
+/// Gradient of `sum(f(x) · w)` for a non-contiguous `x` (a permuted view).
+fn grad_of(
+    f: impl Fn(Tensor<A, 3>) -> Tensor<A, 3>,
+    seed: u64,
+) -> (Tensor<Flex, 3>, Tensor<Flex, 3>) {
+    let x = random::<A, 3>([5, 19, 33], 4.0, seed)
+        .permute([0, 2, 1])
+        .require_grad();
+    let w = random::<A, 3>([5, 33, 19], 1.0, seed + 1);
+    let y = f(x.clone());
+    let grads = (y.clone() * w).sum().backward();
+    (y.inner(), x.grad(&grads).unwrap())
+}
+
+#[test]
+fn gradients_equal_burns_own_composition() {
+    assert_eq!(path::<A>(), Path::Fused);
+    for (i, op) in Unary::ALL.into_iter().enumerate() {
+        let (y_f, g_f) = grad_of(|x| unary(op, x), i as u64);
+        let (y_r, g_r) = grad_of(|x| unary_reference(op, x), i as u64);
+        let scale = g_r.clone().abs().max().into_scalar().max(1.0);
+        assert!(max_gap(y_f, y_r) < 2e-5 * 60.0, "{op:?} values");
+        let gap = max_gap(g_f, g_r);
+        assert!(gap <= 2e-5 * scale, "{op:?}: gradient gap {gap}");
+    }
+    for log in [false, true] {
+        let f = |x: Tensor<A, 3>| {
+            if log {
+                dws_kernels::log_softmax(x)
+            } else {
+                dws_kernels::softmax(x)
+            }
+        };
+        let (y_f, g_f) = grad_of(f, 9);
+        let (y_r, g_r) = grad_of(|x| softmax_reference(x, log), 9);
+        assert!(max_gap(y_f, y_r) < 1e-5, "softmax values (log {log})");
+        let gap = max_gap(g_f, g_r);
+        assert!(gap < 1e-5, "softmax gradient gap {gap} (log {log})");
+    }
+}
+
+#[test]
+fn other_backends_take_burns_operations() {
+    // The same CPU backend with another checkpointing strategy is a different backend
+    // type: it must take the fallback and give the same numbers as the fused path.
+    type Other = Autodiff<Flex, BalancedCheckpointing>;
+    assert_eq!(path::<Other>(), Path::Reference);
+    assert_eq!(path::<Flex>(), Path::Fused);
+    let x_other = random::<Other, 2>([16, 40], 3.0, 4);
+    let x_flex = random::<Flex, 2>([16, 40], 3.0, 4);
+    for op in Unary::ALL {
+        let a = unary(op, x_other.clone()).inner();
+        let b = unary(op, x_flex.clone());
+        assert!(max_gap(a, b) < 1e-4, "{op:?}");
+    }
+    let a = dws_kernels::softmax(x_other).inner();
+    let b = dws_kernels::softmax(x_flex);
+    assert!(max_gap(a, b) < 1e-6);
+}
+
+#[test]
+fn other_dtypes_use_burns_operations() {
+    let x = random::<Flex, 2>([3, 5], 2.0, 7);
+    let x64 = x.clone().cast(burn::tensor::DType::F64);
+    let y64 = unary(Unary::Gelu, x64).cast(burn::tensor::DType::F32);
+    assert!(max_gap(y64, unary(Unary::Gelu, x)) < 1e-5);
+}
