@@ -60,7 +60,24 @@ enum Command {
     Bench(commands::bench::Command),
 }
 
+/// glibc hands allocations above 128 KiB straight to the kernel (mmap) and returns them
+/// on free, so every tensor-sized buffer of burn's CPU backend comes back as fresh pages
+/// that fault in and are zeroed on first touch. Keeping them in the heap lets freed
+/// tensors be reused (a backward pass of an element-wise op on [8, 256, 768]: 5.7 ms →
+/// 0.4 ms). `DWS_MALLOPT=0` keeps glibc's defaults.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var("DWS_MALLOPT").as_deref() != Ok("0") {
+        // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
+    }
+}
+
 fn main() {
+    tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DWS_LOG")

@@ -94,8 +94,7 @@ impl FusedBackend for Flex {
     fn fused_unary(op: Unary, x: FlexTensor) -> FlexTensor {
         let (c, shape) = flex_f32(&x);
         let src = c.as_slice::<f32>().expect("contiguous f32");
-        let mut out = vec![0f32; src.len()];
-        math::forward(op, &mut out, src);
+        let out = math::fill_new(src.len(), |d| math::forward_into(op, d, src));
         flex_from(out, shape)
     }
 
@@ -103,8 +102,7 @@ impl FusedBackend for Flex {
         let ((cx, shape), (cg, _)) = (flex_f32(&x), flex_f32(&grad));
         let xs = cx.as_slice::<f32>().expect("contiguous f32");
         let gs = cg.as_slice::<f32>().expect("contiguous f32");
-        let mut out = vec![0f32; xs.len()];
-        math::backward(op, &mut out, xs, gs);
+        let out = math::fill_new(xs.len(), |d| math::backward_into(op, d, xs, gs));
         flex_from(out, shape)
     }
 
@@ -112,10 +110,10 @@ impl FusedBackend for Flex {
         let (c, shape) = flex_f32(&x);
         let n = *shape.as_slice().last().expect("a tensor with dimensions");
         let src = c.as_slice::<f32>().expect("contiguous f32");
-        let mut out = vec![0f32; src.len()];
-        if n > 0 {
-            math::softmax(&mut out, src, n, log);
+        if n == 0 {
+            return flex_from(Vec::new(), shape);
         }
+        let out = math::fill_new(src.len(), |d| math::softmax_into(d, src, n, log));
         flex_from(out, shape)
     }
 
@@ -124,10 +122,10 @@ impl FusedBackend for Flex {
         let n = *shape.as_slice().last().expect("a tensor with dimensions");
         let ys = cy.as_slice::<f32>().expect("contiguous f32");
         let gs = cg.as_slice::<f32>().expect("contiguous f32");
-        let mut out = vec![0f32; ys.len()];
-        if n > 0 {
-            math::softmax_backward(&mut out, ys, gs, n, log);
+        if n == 0 {
+            return flex_from(Vec::new(), shape);
         }
+        let out = math::fill_new(ys.len(), |d| math::softmax_backward_into(d, ys, gs, n, log));
         flex_from(out, shape)
     }
 }
@@ -249,11 +247,20 @@ pub enum Path {
     Reference,
 }
 
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the fused kernels off (every backend then takes burn's operations) or back on,
+/// for the whole process: for measuring what they bring (`dws bench train`).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The path taken on backend `B`.
 pub fn path<B: Backend>() -> Path {
     use std::any::TypeId;
     let b = TypeId::of::<B>();
-    if b == TypeId::of::<Flex>() || b == TypeId::of::<Autodiff<Flex>>() {
+    let on = ENABLED.load(std::sync::atomic::Ordering::Relaxed);
+    if on && (b == TypeId::of::<Flex>() || b == TypeId::of::<Autodiff<Flex>>()) {
         Path::Fused
     } else {
         Path::Reference
@@ -267,7 +274,7 @@ fn is_float<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
 /// `op` applied element-wise: the fused kernel on Flex (with or without autodiff),
 /// burn's operations elsewhere.
 pub fn unary<B: Backend, const D: usize>(op: Unary, x: Tensor<B, D>) -> Tensor<B, D> {
-    if !is_float(&x) || D == 0 {
+    if !is_float(&x) || D == 0 || path::<B>() == Path::Reference {
         return reference::unary(op, x);
     }
     let x = match on::<B, Flex, D>(x, |p| Flex::fused_unary(op, p)) {
@@ -292,7 +299,7 @@ pub fn log_softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> 
 }
 
 fn softmax_impl<B: Backend, const D: usize>(x: Tensor<B, D>, log: bool) -> Tensor<B, D> {
-    if !is_float(&x) || D == 0 {
+    if !is_float(&x) || D == 0 || path::<B>() == Path::Reference {
         return reference::softmax(x, log);
     }
     let x = match on::<B, Flex, D>(x, |p| Flex::fused_softmax(p, log)) {
@@ -330,4 +337,65 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 
 pub fn sigmoid<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     unary(Unary::Sigmoid, x)
+}
+
+/// Scaled dot-product attention `softmax(q kᵀ / sqrt(d) + bias) v` over `[B, H, L, d]`
+/// tensors, optionally causal (each query sees the keys at or before it).
+///
+/// On Flex the scores go through the fused softmax: under autodiff (training) burn would
+/// fall back to separate operations with its scalar softmax, and without autodiff
+/// (sampling, imagination, play) matmuls with the fused softmax beat burn's flash-style
+/// kernel as long as the score matrix fits in 512 MiB; beyond that burn's kernel (memory
+/// linear in the sequence length) is used. Other backends take burn's `attention`.
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
+    causal: bool,
+) -> Tensor<B, 4> {
+    // The score matrix of the composed form, in bytes; above this, burn's flash-style
+    // kernel (memory linear in the sequence length) is used on Flex without autodiff.
+    const MAX_SCORES: usize = 1 << 29;
+    let [b, h, lq, _] = q.dims();
+    let lk = k.dims()[2];
+    let small = b * h * lq * lk * 4 <= MAX_SCORES;
+    let training = std::any::TypeId::of::<B>() == std::any::TypeId::of::<Autodiff<Flex>>();
+    let composed = path::<B>() == Path::Fused && is_float(&q) && (training || small);
+    if !composed {
+        let options = burn::tensor::ops::AttentionModuleOptions {
+            is_causal: causal,
+            ..Default::default()
+        };
+        return burn::tensor::module::attention(q, k, v, None, bias, options);
+    }
+    attention_composed(q, k, v, bias, causal, softmax)
+}
+
+/// Attention from matmuls and the given softmax (the fused one, or burn's for tests).
+pub fn attention_composed<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
+    causal: bool,
+    softmax: impl Fn(Tensor<B, 4>) -> Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [_, _, lq, d] = q.dims();
+    let lk = k.dims()[2];
+    let mut scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
+    if causal {
+        // Query i sees keys 0..=i (aligned at the end when the lengths differ).
+        let offset = lk as i64 - lq as i64;
+        let rows =
+            Tensor::<B, 1, Int>::arange(0..lq as i64, &scores.device()).reshape([1, 1, lq, 1]);
+        let cols =
+            Tensor::<B, 1, Int>::arange(0..lk as i64, &scores.device()).reshape([1, 1, 1, lk]);
+        let future = cols.greater(rows.add_scalar(offset));
+        scores = scores.mask_fill(future, f32::NEG_INFINITY);
+    }
+    if let Some(b) = bias {
+        scores = scores + b;
+    }
+    softmax(scores).matmul(v)
 }

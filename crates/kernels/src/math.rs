@@ -12,6 +12,36 @@
 //! NaN in gives NaN out; ±inf give the functions' limits.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// An output element: written by the kernels before it is read.
+pub type Out = MaybeUninit<f32>;
+
+/// An initialised buffer seen as output slots. Sound because the kernels only ever
+/// write initialised values through it.
+fn as_out(dst: &mut [f32]) -> &mut [Out] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and nothing writes an
+    // uninitialised value through the returned slice.
+    unsafe { &mut *(dst as *mut [f32] as *mut [Out]) }
+}
+
+/// Output slots that were all written.
+///
+/// # Safety
+/// Every element must have been written.
+unsafe fn assume_init(d: &mut [Out]) -> &mut [f32] {
+    // SAFETY: the caller guarantees every element is initialised.
+    unsafe { &mut *(d as *mut [Out] as *mut [f32]) }
+}
+
+/// A vector of `n` f32 slots for a kernel to fill, and the function that marks it full.
+pub fn fill_new(n: usize, fill: impl FnOnce(&mut [Out])) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: the kernels passed as `fill` write every one of the `n` slots.
+    unsafe { v.set_len(n) };
+    v
+}
 
 /// The element-wise functions with a fused forward and backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -221,9 +251,9 @@ const CHUNK: usize = 1 << 15;
 
 /// Runs `body` over aligned chunks of `dst` and `src` (and `src2`), in parallel when the
 /// input is large.
-fn chunked<F>(dst: &mut [f32], src: &[f32], src2: Option<&[f32]>, body: F)
+fn chunked<F>(dst: &mut [Out], src: &[f32], src2: Option<&[f32]>, body: F)
 where
-    F: Fn(&mut [f32], &[f32], Option<&[f32]>) + Sync,
+    F: Fn(&mut [Out], &[f32], Option<&[f32]>) + Sync,
 {
     if dst.len() <= CHUNK {
         body(dst, src, src2);
@@ -247,14 +277,14 @@ macro_rules! multiversion {
 }
 
 #[inline(always)]
-fn forward_generic(op: Unary, dst: &mut [f32], src: &[f32]) {
+fn forward_generic(op: Unary, dst: &mut [Out], src: &[f32]) {
     // One loop per function, so each is vectorised on its own.
     macro_rules! each {
         ($($v:ident => $f:expr),*) => {
             match op {
                 $(Unary::$v => {
                     for (d, &x) in dst.iter_mut().zip(src) {
-                        *d = $f(x);
+                        d.write($f(x));
                     }
                 })*
             }
@@ -263,16 +293,16 @@ fn forward_generic(op: Unary, dst: &mut [f32], src: &[f32]) {
     each!(Exp => exp, Erf => erf, Tanh => tanh, Sigmoid => sigmoid, Silu => silu,
           Gelu => gelu, GeluTanh => gelu_tanh);
 }
-multiversion!(forward_generic, forward_avx2, (op: Unary, dst: &mut [f32], src: &[f32]));
+multiversion!(forward_generic, forward_avx2, (op: Unary, dst: &mut [Out], src: &[f32]));
 
 #[inline(always)]
-fn backward_generic(op: Unary, dst: &mut [f32], x: &[f32], g: &[f32]) {
+fn backward_generic(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
     macro_rules! each {
         ($($v:ident),*) => {
             match op {
                 $(Unary::$v => {
                     for ((d, &x), &g) in dst.iter_mut().zip(x).zip(g) {
-                        *d = grad(Unary::$v, x, g);
+                        d.write(grad(Unary::$v, x, g));
                     }
                 })*
             }
@@ -280,7 +310,7 @@ fn backward_generic(op: Unary, dst: &mut [f32], x: &[f32], g: &[f32]) {
     }
     each!(Exp, Erf, Tanh, Sigmoid, Silu, Gelu, GeluTanh);
 }
-multiversion!(backward_generic, backward_avx2, (op: Unary, dst: &mut [f32], x: &[f32], g: &[f32]));
+multiversion!(backward_generic, backward_avx2, (op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]));
 
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -295,6 +325,11 @@ fn has_avx2() -> bool {
 
 /// `dst[i] = op(src[i])`.
 pub fn forward(op: Unary, dst: &mut [f32], src: &[f32]) {
+    forward_into(op, as_out(dst), src)
+}
+
+/// [`forward`] into memory that need not be initialised (a fresh output buffer).
+pub fn forward_into(op: Unary, dst: &mut [Out], src: &[f32]) {
     assert_eq!(dst.len(), src.len());
     let avx2 = has_avx2();
     chunked(dst, src, None, |d, s, _| {
@@ -311,6 +346,11 @@ pub fn forward(op: Unary, dst: &mut [f32], src: &[f32]) {
 
 /// `dst[i] = g[i] · op'(x[i])`.
 pub fn backward(op: Unary, dst: &mut [f32], x: &[f32], g: &[f32]) {
+    backward_into(op, as_out(dst), x, g)
+}
+
+/// [`backward`] into memory that need not be initialised.
+pub fn backward_into(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
     assert_eq!(dst.len(), x.len());
     assert_eq!(dst.len(), g.len());
     let avx2 = has_avx2();
@@ -362,7 +402,7 @@ fn row_max(s: &[f32]) -> f32 {
 
 /// `d[i] = e^(s[i] - m)`; returns their sum.
 #[inline(always)]
-fn exp_shifted(d: &mut [f32], s: &[f32], m: f32) -> f32 {
+fn exp_shifted(d: &mut [Out], s: &[f32], m: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let n = s.len() / LANES * LANES;
     for (dc, sc) in d[..n]
@@ -371,14 +411,14 @@ fn exp_shifted(d: &mut [f32], s: &[f32], m: f32) -> f32 {
     {
         for i in 0..LANES {
             let e = exp(sc[i] - m);
-            dc[i] = e;
+            dc[i].write(e);
             acc[i] += e;
         }
     }
     let mut sum = 0.0;
     for (o, &v) in d[n..].iter_mut().zip(&s[n..]) {
         let e = exp(v - m);
-        *o = e;
+        o.write(e);
         sum += e;
     }
     acc.iter().sum::<f32>() + sum
@@ -412,10 +452,12 @@ fn sum(a: &[f32]) -> f32 {
 
 /// A NaN anywhere in a row makes its exponentials' sum NaN, and so the whole row.
 #[inline(always)]
-fn softmax_rows_generic(dst: &mut [f32], src: &[f32], n: usize, log: bool) {
+fn softmax_rows_generic(dst: &mut [Out], src: &[f32], n: usize, log: bool) {
     for (d, s) in dst.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
         let m = row_max(s);
         let total = exp_shifted(d, s, m);
+        // SAFETY: `exp_shifted` wrote every element of the row.
+        let d = unsafe { assume_init(d) };
         if log {
             let shift = m + total.ln();
             for (o, &v) in d.iter_mut().zip(s) {
@@ -429,10 +471,10 @@ fn softmax_rows_generic(dst: &mut [f32], src: &[f32], n: usize, log: bool) {
         }
     }
 }
-multiversion!(softmax_rows_generic, softmax_rows_avx2, (dst: &mut [f32], src: &[f32], n: usize, log: bool));
+multiversion!(softmax_rows_generic, softmax_rows_avx2, (dst: &mut [Out], src: &[f32], n: usize, log: bool));
 
 #[inline(always)]
-fn softmax_back_generic(dst: &mut [f32], y: &[f32], g: &[f32], n: usize, log: bool) {
+fn softmax_back_generic(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bool) {
     for ((d, y), g) in dst
         .chunks_exact_mut(n)
         .zip(y.chunks_exact(n))
@@ -441,17 +483,17 @@ fn softmax_back_generic(dst: &mut [f32], y: &[f32], g: &[f32], n: usize, log: bo
         if log {
             let s = sum(g);
             for ((o, &y), &g) in d.iter_mut().zip(y).zip(g) {
-                *o = g - exp(y) * s;
+                o.write(g - exp(y) * s);
             }
         } else {
             let dot = dot(y, g);
             for ((o, &y), &g) in d.iter_mut().zip(y).zip(g) {
-                *o = y * (g - dot);
+                o.write(y * (g - dot));
             }
         }
     }
 }
-multiversion!(softmax_back_generic, softmax_back_avx2, (dst: &mut [f32], y: &[f32], g: &[f32], n: usize, log: bool));
+multiversion!(softmax_back_generic, softmax_back_avx2, (dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bool));
 
 /// Rows per parallel task, at least one.
 fn rows_per_task(n: usize) -> usize {
@@ -460,6 +502,11 @@ fn rows_per_task(n: usize) -> usize {
 
 /// Softmax (or log-softmax) of each row of `n` values.
 pub fn softmax(dst: &mut [f32], src: &[f32], n: usize, log: bool) {
+    softmax_into(as_out(dst), src, n, log)
+}
+
+/// [`softmax`] into memory that need not be initialised.
+pub fn softmax_into(dst: &mut [Out], src: &[f32], n: usize, log: bool) {
     assert_eq!(dst.len(), src.len());
     assert!(n > 0 && src.len().is_multiple_of(n));
     let avx2 = has_avx2();
@@ -480,6 +527,11 @@ pub fn softmax(dst: &mut [f32], src: &[f32], n: usize, log: bool) {
 
 /// The gradient of [`softmax`] given its output `y` and the output's gradient `g`.
 pub fn softmax_backward(dst: &mut [f32], y: &[f32], g: &[f32], n: usize, log: bool) {
+    softmax_backward_into(as_out(dst), y, g, n, log)
+}
+
+/// [`softmax_backward`] into memory that need not be initialised.
+pub fn softmax_backward_into(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bool) {
     assert!(dst.len() == y.len() && y.len() == g.len());
     assert!(n > 0 && y.len().is_multiple_of(n));
     let avx2 = has_avx2();

@@ -240,3 +240,137 @@ fn other_dtypes_use_burns_operations() {
     let y64 = unary(Unary::Gelu, x64).cast(burn::tensor::DType::F32);
     assert!(max_gap(y64, unary(Unary::Gelu, x)) < 1e-5);
 }
+
+/// Attention by the formula, in f64: `[B, H, L, d]` row-major inputs.
+fn naive_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: Option<&[f32]>,
+    dims: [usize; 5],
+    causal: bool,
+) -> Vec<f64> {
+    let [b, h, lq, lk, d] = dims;
+    let mut out = vec![0f64; b * h * lq * d];
+    for bh in 0..b * h {
+        for i in 0..lq {
+            let mut s: Vec<f64> = (0..lk)
+                .map(|j| {
+                    let dot: f64 = (0..d)
+                        .map(|c| q[(bh * lq + i) * d + c] as f64 * k[(bh * lk + j) * d + c] as f64)
+                        .sum();
+                    let mut x = dot / (d as f64).sqrt();
+                    if let Some(bias) = bias {
+                        x += bias[(bh * lq + i) * lk + j] as f64;
+                    }
+                    if causal && j > i + lk - lq {
+                        x = f64::NEG_INFINITY;
+                    }
+                    x
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = s
+                .iter_mut()
+                .map(|x| {
+                    *x = (*x - m).exp();
+                    *x
+                })
+                .sum();
+            for c in 0..d {
+                out[(bh * lq + i) * d + c] = (0..lk)
+                    .map(|j| s[j] / z * v[(bh * lk + j) * d + c] as f64)
+                    .sum();
+            }
+        }
+    }
+    out
+}
+
+fn values<BB: Backend, const D: usize>(t: Tensor<BB, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn attention_is_the_formula_with_and_without_mask_and_bias() {
+    let (b, h, lq, lk, d) = (2, 3, 17, 17, 8);
+    let q = random::<Flex, 4>([b, h, lq, d], 1.5, 20);
+    let k = random::<Flex, 4>([b, h, lk, d], 1.5, 21);
+    let v = random::<Flex, 4>([b, h, lk, d], 1.0, 22);
+    let bias = random::<Flex, 4>([b, h, lq, lk], 2.0, 23);
+    for causal in [false, true] {
+        for with_bias in [false, true] {
+            let want = naive_attention(
+                &values(q.clone()),
+                &values(k.clone()),
+                &values(v.clone()),
+                with_bias.then(|| values(bias.clone())).as_deref(),
+                [b, h, lq, lk, d],
+                causal,
+            );
+            let bias_t = with_bias.then(|| bias.clone());
+            // Inference (burn's fused kernel) and training (the fused softmax).
+            let inference = values(dws_kernels::attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                bias_t.clone(),
+                causal,
+            ));
+            let training = values(dws_kernels::attention(
+                Tensor::<A, 4>::from_inner(q.clone()),
+                Tensor::<A, 4>::from_inner(k.clone()),
+                Tensor::<A, 4>::from_inner(v.clone()),
+                bias_t.map(Tensor::<A, 4>::from_inner),
+                causal,
+            ));
+            for (name, got) in [("inference", inference), ("training", training)] {
+                let gap = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (*g as f64 - w).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    gap < 2e-5,
+                    "{name}, causal {causal}, bias {with_bias}: gap {gap}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_gradients_equal_burns_composition() {
+    let (b, h, l, d) = (2, 2, 24, 16);
+    let mk = |seed, shape: [usize; 4], scale| random::<A, 4>(shape, scale, seed).require_grad();
+    for causal in [false, true] {
+        let grads_of = |fused: bool| {
+            let (q, k, v) = (
+                mk(30, [b, h, l, d], 1.5),
+                mk(31, [b, h, l, d], 1.5),
+                mk(32, [b, h, l, d], 1.0),
+            );
+            let bias = mk(33, [b, h, l, l], 1.0);
+            let w = random::<A, 4>([b, h, l, d], 1.0, 34);
+            let out = if fused {
+                dws_kernels::attention(q.clone(), k.clone(), v.clone(), Some(bias.clone()), causal)
+            } else {
+                dws_kernels::attention_composed(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    Some(bias.clone()),
+                    causal,
+                    |s| softmax_reference(s, false),
+                )
+            };
+            let g = (out * w).sum().backward();
+            [q, k, v, bias].map(|t| t.grad(&g).unwrap())
+        };
+        let (f, r) = (grads_of(true), grads_of(false));
+        for (i, (gf, gr)) in f.into_iter().zip(r).enumerate() {
+            let gap = max_gap(gf, gr);
+            assert!(gap < 1e-5, "causal {causal}: gradient {i} differs by {gap}");
+        }
+    }
+}

@@ -13,7 +13,7 @@ use burn::module::{Initializer, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 // Fused CPU kernels on Flex, burn's operations on other backends.
-use burn::tensor::module::{attention, interpolate};
+use burn::tensor::module::interpolate;
 use burn::tensor::ops::{
     GridSampleOptions, GridSamplePaddingMode, InterpolateMode, InterpolateOptions,
 };
@@ -183,7 +183,7 @@ impl<B: Backend> SelfAttention<B> {
                 .reshape([s, l, heads, hd])
                 .swap_dims(1, 2) // [S, H, L, hd]
         };
-        let out = attention(split(0), split(1), split(2), None, None, Default::default());
+        let out = dws_kernels::attention(split(0), split(1), split(2), None, false);
         self.proj.forward(out.swap_dims(1, 2).reshape([s, l, d]))
     }
 }

@@ -197,7 +197,44 @@ struct TrainBench {
 impl crate::device::Job for TrainBench {
     type Out = ();
     fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        // Burn's own operations first, then the fused kernels, in the same run.
+        let mut means = Vec::new();
+        for fused in [false, true] {
+            dws_kernels::set_enabled(fused);
+            let mean = self.time_steps::<B>(&device)?;
+            let which = if fused { "fused" } else { "burn_ops" };
+            emit(
+                &format!("train/{}/{which}/ms_per_step", self.preset),
+                mean * 1e3,
+                "ms",
+            );
+            means.push(mean);
+        }
+        dws_kernels::set_enabled(true);
+        emit(
+            &format!("train/{}/fused_speedup", self.preset),
+            means[0] / means[1],
+            "x",
+        );
+        let preset = super::world::load_preset(&self.preset)?;
+        let cfg = &preset.finetune;
+        emit(
+            &format!("train/{}/tokens_per_step", self.preset),
+            (cfg.batch * cfg.clip_len * preset.model.tokens_per_frame()) as f64,
+            "tokens",
+        );
+        Ok(())
+    }
+}
+
+impl TrainBench {
+    /// Mean seconds per training step after one warm-up step.
+    fn time_steps<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<f64> {
         use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+        let device = device.clone();
         let preset = super::world::load_preset(&self.preset)?;
         let cfg = &preset.finetune;
         let mut world = bench_world::<B>(&preset, &device)?;
@@ -216,18 +253,7 @@ impl crate::device::Job for TrainBench {
                 times.push(started.elapsed().as_secs_f64());
             }
         }
-        let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
-        emit(
-            &format!("train/{}/ms_per_step", self.preset),
-            mean * 1e3,
-            "ms",
-        );
-        emit(
-            &format!("train/{}/tokens_per_step", self.preset),
-            (cfg.batch * cfg.clip_len * preset.model.tokens_per_frame()) as f64,
-            "tokens",
-        );
-        Ok(())
+        Ok(times.iter().sum::<f64>() / times.len().max(1) as f64)
     }
 }
 

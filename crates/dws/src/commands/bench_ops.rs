@@ -129,7 +129,77 @@ fn measure<B: AutodiffBackend, const D: usize>(
         ("fwdbwd", fwdbwd(false), fwdbwd(true)),
     ];
     sync()?;
-    for (pass, b, f) in results {
+    record(&base, &results, out);
+    Ok(())
+}
+
+/// Attention on `[B, H, L, d]` queries, keys and values: burn's `attention` against
+/// `dws_kernels::attention` (the same kernel without autodiff; with autodiff the fused
+/// softmax instead of burn's).
+fn measure_attention<B: AutodiffBackend>(
+    shape: [usize; 4],
+    causal: bool,
+    seconds: f64,
+    device: &B::Device,
+    out: &mut Vec<(String, f64)>,
+) -> Result<()> {
+    let name = if causal {
+        "attention_causal"
+    } else {
+        "attention"
+    };
+    let base = format!("ops/{name}/{}", shape_name(&shape));
+    let qkv: Vec<Tensor<B::InnerBackend, 4>> = (0..3)
+        .map(|_| random::<B::InnerBackend, 4>(shape, device))
+        .collect();
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"));
+    let options = burn::tensor::ops::AttentionModuleOptions {
+        is_causal: causal,
+        ..Default::default()
+    };
+    let fwd = |fused: bool| {
+        time_ms(seconds, || {
+            let (q, k, v) = (qkv[0].clone(), qkv[1].clone(), qkv[2].clone());
+            let y = if fused {
+                dws_kernels::attention(q, k, v, None, causal)
+            } else {
+                burn::tensor::module::attention(q, k, v, None, None, options)
+            };
+            drop(y);
+            let _ = sync();
+        })
+    };
+    let fwdbwd = |fused: bool| {
+        time_ms(seconds, || {
+            let t: Vec<Tensor<B, 4>> = qkv
+                .iter()
+                .map(|x| Tensor::<B, 4>::from_inner(x.clone()).require_grad())
+                .collect();
+            let (q, k, v) = (t[0].clone(), t[1].clone(), t[2].clone());
+            let y = if fused {
+                dws_kernels::attention(q, k, v, None, causal)
+            } else {
+                burn::tensor::module::attention(q, k, v, None, None, options)
+            };
+            let grads = y.backward();
+            for x in &t {
+                let _ = x.grad(&grads);
+            }
+            let _ = sync();
+        })
+    };
+    let results = [
+        ("fwd", fwd(false), fwd(true)),
+        ("fwdbwd", fwdbwd(false), fwdbwd(true)),
+    ];
+    sync()?;
+    record(&base, &results, out);
+    Ok(())
+}
+
+/// Prints and keeps each pass's times and their ratio.
+fn record(base: &str, results: &[(&str, f64, f64)], out: &mut Vec<(String, f64)>) {
+    for &(pass, b, f) in results {
         let key = format!("{base}/{pass}");
         emit(&format!("{key}/burn_ms"), b, "ms");
         emit(&format!("{key}/fused_ms"), f, "ms");
@@ -137,7 +207,6 @@ fn measure<B: AutodiffBackend, const D: usize>(
         out.push((format!("{key}/burn_ms"), b));
         out.push((format!("{key}/fused_ms"), f));
     }
-    Ok(())
 }
 
 impl crate::device::Job for OpsBench {
@@ -154,6 +223,19 @@ impl crate::device::Job for OpsBench {
             if !self.quick {
                 measure::<B, 2>(&Softmax(log), [64, 1024], s, &device, &mut out)?;
             }
+        }
+        let shapes: &[([usize; 4], bool)] = if self.quick {
+            &[([8, 6, 256, 32], false)]
+        } else {
+            &[
+                ([8, 6, 256, 32], false),
+                ([8, 6, 256, 64], false),
+                ([8, 6, 1024, 32], false),
+                ([8, 6, 256, 32], true),
+            ]
+        };
+        for &(shape, causal) in shapes {
+            measure_attention::<B>(shape, causal, s, &device, &mut out)?;
         }
         if let Some(path) = &self.torch {
             against_torch(path, &out)?;
