@@ -112,7 +112,11 @@ fn select(c: bool, a: f32, b: f32) -> f32 {
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(EXP_LO, EXP_HI);
-    let n = (xc * LOG2E + ROUNDER) - ROUNDER;
+    let k = xc * LOG2E + ROUNDER;
+    let n = k - ROUNDER;
+    // n as an integer, read from k's mantissa (k = 1.5 · 2^23 + n): a float-to-int cast
+    // would keep the compiler from vectorising the loop.
+    let ni = (k.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 / 720.0;
     let p = p * r + 1.0 / 120.0;
@@ -122,7 +126,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.0;
     let p = p * r + 1.0;
     // 2^(n-1), then times 2: 2^128 itself is not a finite f32.
-    let half_scale = f32::from_bits((((n as i32) + 126) << 23) as u32);
+    let half_scale = f32::from_bits(((ni + 126) << 23) as u32);
     let y = (p * half_scale) * 2.0;
     let y = select(x > EXP_HI, f32::INFINITY, y);
     let y = select(x < EXP_LO, 0.0, y);
@@ -266,11 +270,53 @@ where
     });
 }
 
+/// Instruction sets the kernels are compiled for, picked at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Generic,
+    Avx2,
+    Avx512,
+}
+
+/// The best level this CPU runs.
+pub fn level() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
+            return Level::Avx512;
+        }
+        if has!("avx2") && has!("fma") {
+            return Level::Avx2;
+        }
+    }
+    Level::Generic
+}
+
+/// Defines `$dispatch(level, args)`, running the `#[inline(always)]` function `$generic`
+/// compiled for that instruction set.
 macro_rules! multiversion {
-    ($generic:ident, $avx2:ident, ($($arg:ident: $ty:ty),*)) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $avx2($($arg: $ty),*) {
+    ($generic:ident, $dispatch:ident, ($($arg:ident: $ty:ty),*)) => {
+        fn $dispatch(level: Level, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                match level {
+                    // SAFETY: `level()` found these instructions on this CPU.
+                    Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    Level::Generic => {}
+                }
+            }
+            let _ = level;
             $generic($($arg),*)
         }
     };
@@ -293,7 +339,7 @@ fn forward_generic(op: Unary, dst: &mut [Out], src: &[f32]) {
     each!(Exp => exp, Erf => erf, Tanh => tanh, Sigmoid => sigmoid, Silu => silu,
           Gelu => gelu, GeluTanh => gelu_tanh);
 }
-multiversion!(forward_generic, forward_avx2, (op: Unary, dst: &mut [Out], src: &[f32]));
+multiversion!(forward_generic, forward_at, (op: Unary, dst: &mut [Out], src: &[f32]));
 
 #[inline(always)]
 fn backward_generic(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
@@ -310,18 +356,7 @@ fn backward_generic(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
     }
     each!(Exp, Erf, Tanh, Sigmoid, Silu, Gelu, GeluTanh);
 }
-multiversion!(backward_generic, backward_avx2, (op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]));
-
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+multiversion!(backward_generic, backward_at, (op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]));
 
 /// `dst[i] = op(src[i])`.
 pub fn forward(op: Unary, dst: &mut [f32], src: &[f32]) {
@@ -331,17 +366,8 @@ pub fn forward(op: Unary, dst: &mut [f32], src: &[f32]) {
 /// [`forward`] into memory that need not be initialised (a fresh output buffer).
 pub fn forward_into(op: Unary, dst: &mut [Out], src: &[f32]) {
     assert_eq!(dst.len(), src.len());
-    let avx2 = has_avx2();
-    chunked(dst, src, None, |d, s, _| {
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            unsafe { forward_avx2(op, d, s) };
-            return;
-        }
-        let _ = avx2;
-        forward_generic(op, d, s)
-    });
+    let level = level();
+    chunked(dst, src, None, |d, s, _| forward_at(level, op, d, s));
 }
 
 /// `dst[i] = g[i] · op'(x[i])`.
@@ -353,17 +379,10 @@ pub fn backward(op: Unary, dst: &mut [f32], x: &[f32], g: &[f32]) {
 pub fn backward_into(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
     assert_eq!(dst.len(), x.len());
     assert_eq!(dst.len(), g.len());
-    let avx2 = has_avx2();
+    let level = level();
     chunked(dst, x, Some(g), |d, x, g| {
         let g = g.expect("passed above");
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            unsafe { backward_avx2(op, d, x, g) };
-            return;
-        }
-        let _ = avx2;
-        backward_generic(op, d, x, g)
+        backward_at(level, op, d, x, g)
     });
 }
 
@@ -471,7 +490,7 @@ fn softmax_rows_generic(dst: &mut [Out], src: &[f32], n: usize, log: bool) {
         }
     }
 }
-multiversion!(softmax_rows_generic, softmax_rows_avx2, (dst: &mut [Out], src: &[f32], n: usize, log: bool));
+multiversion!(softmax_rows_generic, softmax_rows_at, (dst: &mut [Out], src: &[f32], n: usize, log: bool));
 
 #[inline(always)]
 fn softmax_back_generic(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bool) {
@@ -493,7 +512,7 @@ fn softmax_back_generic(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bo
         }
     }
 }
-multiversion!(softmax_back_generic, softmax_back_avx2, (dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bool));
+multiversion!(softmax_back_generic, softmax_back_at, (dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bool));
 
 /// Rows per parallel task, at least one.
 fn rows_per_task(n: usize) -> usize {
@@ -509,20 +528,11 @@ pub fn softmax(dst: &mut [f32], src: &[f32], n: usize, log: bool) {
 pub fn softmax_into(dst: &mut [Out], src: &[f32], n: usize, log: bool) {
     assert_eq!(dst.len(), src.len());
     assert!(n > 0 && src.len().is_multiple_of(n));
-    let avx2 = has_avx2();
+    let level = level();
     let rows = rows_per_task(n) * n;
     dst.par_chunks_mut(rows)
         .zip(src.par_chunks(rows))
-        .for_each(|(d, s)| {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { softmax_rows_avx2(d, s, n, log) };
-                return;
-            }
-            let _ = avx2;
-            softmax_rows_generic(d, s, n, log)
-        });
+        .for_each(|(d, s)| softmax_rows_at(level, d, s, n, log));
 }
 
 /// The gradient of [`softmax`] given its output `y` and the output's gradient `g`.
@@ -534,19 +544,10 @@ pub fn softmax_backward(dst: &mut [f32], y: &[f32], g: &[f32], n: usize, log: bo
 pub fn softmax_backward_into(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bool) {
     assert!(dst.len() == y.len() && y.len() == g.len());
     assert!(n > 0 && y.len().is_multiple_of(n));
-    let avx2 = has_avx2();
+    let level = level();
     let rows = rows_per_task(n) * n;
     dst.par_chunks_mut(rows)
         .zip(y.par_chunks(rows))
         .zip(g.par_chunks(rows))
-        .for_each(|((d, y), g)| {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { softmax_back_avx2(d, y, g, n, log) };
-                return;
-            }
-            let _ = avx2;
-            softmax_back_generic(d, y, g, n, log)
-        });
+        .for_each(|((d, y), g)| softmax_back_at(level, d, y, g, n, log));
 }

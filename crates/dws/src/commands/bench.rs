@@ -307,8 +307,18 @@ impl crate::device::Job for ImagineBench {
 pub fn emit(bench: &str, value: f64, unit: &str) {
     println!(
         "{}",
-        serde_json::json!({"bench": bench, "value": (value * 10.0).round() / 10.0, "unit": unit})
+        serde_json::json!({"bench": bench, "value": significant(value, 4), "unit": unit})
     );
+}
+
+/// `v` rounded to `digits` significant digits (whole numbers stay whole).
+fn significant(v: f64, digits: i32) -> f64 {
+    if v == 0.0 || !v.is_finite() {
+        return v;
+    }
+    let decimals = (digits - 1 - v.abs().log10().floor() as i32).max(0);
+    let p = 10f64.powi(decimals);
+    (v * p).round() / p
 }
 
 /// Steps one env with pre-drawn random actions for about `seconds`; returns (steps/s,
