@@ -130,10 +130,19 @@ impl FusedBackend for Flex {
     }
 }
 
-#[derive(Debug)]
-struct UnaryBackward(Unary);
+/// Which fused operation a tracked autodiff node came from.
+#[derive(Debug, Clone, Copy)]
+enum Fused {
+    /// Saves the input.
+    Unary(Unary),
+    /// Saves the output.
+    Softmax { log: bool },
+}
 
-impl<B: FusedBackend> Backward<B, 1> for UnaryBackward {
+#[derive(Debug)]
+struct FusedGrad(Fused);
+
+impl<B: FusedBackend> Backward<B, 1> for FusedGrad {
     type State = FloatTensor<B>;
 
     fn backward(
@@ -142,47 +151,47 @@ impl<B: FusedBackend> Backward<B, 1> for UnaryBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let x = ops.state;
-        let op = self.0;
-        ad_unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            B::fused_unary_backward(op, x, grad)
+        let saved = ops.state;
+        let kind = self.0;
+        ad_unary::<B, _>(ops.parents, ops.node, grads, |grad| match kind {
+            Fused::Unary(op) => B::fused_unary_backward(op, saved, grad),
+            Fused::Softmax { log } => B::fused_softmax_backward(saved, grad, log),
         });
     }
 }
 
-#[derive(Debug)]
-struct SoftmaxBackward(bool);
-
-impl<B: FusedBackend> Backward<B, 1> for SoftmaxBackward {
-    type State = FloatTensor<B>;
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 1>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
-        let y = ops.state;
-        let log = self.0;
-        ad_unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            B::fused_softmax_backward(y, grad, log)
-        });
+/// Runs the inner backend's forward and, when the input is tracked, records the node
+/// with what its backward needs.
+fn tracked<B: FusedBackend, C: CheckpointStrategy>(
+    kind: Fused,
+    x: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let forward = |p: FloatTensor<B>| match kind {
+        Fused::Unary(op) => B::fused_unary(op, p),
+        Fused::Softmax { log } => B::fused_softmax(p, log),
+    };
+    match FusedGrad(kind)
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => match kind {
+            Fused::Unary(_) => {
+                let out = forward(x.primitive.clone());
+                prep.finish(x.primitive, out)
+            }
+            Fused::Softmax { .. } => {
+                let y = forward(x.primitive);
+                prep.finish(y.clone(), y)
+            }
+        },
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive)),
     }
 }
 
 impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
     fn fused_unary(op: Unary, x: FloatTensor<Self>) -> FloatTensor<Self> {
-        match UnaryBackward(op)
-            .prepare::<C>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = B::fused_unary(op, x.primitive.clone());
-                prep.finish(x.primitive, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::fused_unary(op, x.primitive)),
-        }
+        tracked::<B, C>(Fused::Unary(op), x)
     }
 
     fn fused_unary_backward(
@@ -194,17 +203,7 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
     }
 
     fn fused_softmax(x: FloatTensor<Self>, log: bool) -> FloatTensor<Self> {
-        match SoftmaxBackward(log)
-            .prepare::<C>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let y = B::fused_softmax(x.primitive, log);
-                prep.finish(y.clone(), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::fused_softmax(x.primitive, log)),
-        }
+        tracked::<B, C>(Fused::Softmax { log }, x)
     }
 
     fn fused_softmax_backward(
