@@ -37,6 +37,9 @@ pub trait FusedBackend: Backend {
     ) -> FloatTensor<Self>;
     /// Softmax (or log-softmax) along the last dimension.
     fn fused_softmax(x: FloatTensor<Self>, log: bool) -> FloatTensor<Self>;
+    /// Softmax along the last dimension of `[.., Lq, Lk]` scores over each query i's keys
+    /// 0..=i (burn's causal convention); the other entries are 0.
+    fn fused_softmax_causal(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// The input gradient of [`FusedBackend::fused_softmax`] from its output `y`.
     fn fused_softmax_backward(
         y: FloatTensor<Self>,
@@ -117,6 +120,19 @@ impl FusedBackend for Flex {
         flex_from(out, shape)
     }
 
+    fn fused_softmax_causal(x: FlexTensor) -> FlexTensor {
+        let (c, shape) = flex_f32(&x);
+        let dims = shape.as_slice();
+        assert!(dims.len() >= 2, "causal softmax takes [.., Lq, Lk] scores");
+        let (lq, n) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let src = c.as_slice::<f32>().expect("contiguous f32");
+        if n == 0 || lq == 0 {
+            return flex_from(Vec::new(), shape);
+        }
+        let out = math::fill_new(src.len(), |d| math::softmax_causal_into(d, src, lq, n));
+        flex_from(out, shape)
+    }
+
     fn fused_softmax_backward(y: FlexTensor, grad: FlexTensor, log: bool) -> FlexTensor {
         let ((cy, shape), (cg, _)) = (flex_f32(&y), flex_f32(&grad));
         let n = *shape.as_slice().last().expect("a tensor with dimensions");
@@ -137,6 +153,8 @@ enum Fused {
     Unary(Unary),
     /// Saves the output.
     Softmax { log: bool },
+    /// Saves the output; its backward is the softmax's (masked entries are 0).
+    SoftmaxCausal,
 }
 
 #[derive(Debug)]
@@ -156,6 +174,7 @@ impl<B: FusedBackend> Backward<B, 1> for FusedGrad {
         ad_unary::<B, _>(ops.parents, ops.node, grads, |grad| match kind {
             Fused::Unary(op) => B::fused_unary_backward(op, saved, grad),
             Fused::Softmax { log } => B::fused_softmax_backward(saved, grad, log),
+            Fused::SoftmaxCausal => B::fused_softmax_backward(saved, grad, false),
         });
     }
 }
@@ -169,6 +188,7 @@ fn tracked<B: FusedBackend, C: CheckpointStrategy>(
     let forward = |p: FloatTensor<B>| match kind {
         Fused::Unary(op) => B::fused_unary(op, p),
         Fused::Softmax { log } => B::fused_softmax(p, log),
+        Fused::SoftmaxCausal => B::fused_softmax_causal(p),
     };
     match FusedGrad(kind)
         .prepare::<C>([x.node.clone()])
@@ -180,7 +200,7 @@ fn tracked<B: FusedBackend, C: CheckpointStrategy>(
                 let out = forward(x.primitive.clone());
                 prep.finish(x.primitive, out)
             }
-            Fused::Softmax { .. } => {
+            Fused::Softmax { .. } | Fused::SoftmaxCausal => {
                 let y = forward(x.primitive);
                 prep.finish(y.clone(), y)
             }
@@ -204,6 +224,10 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
 
     fn fused_softmax(x: FloatTensor<Self>, log: bool) -> FloatTensor<Self> {
         tracked::<B, C>(Fused::Softmax { log }, x)
+    }
+
+    fn fused_softmax_causal(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        tracked::<B, C>(Fused::SoftmaxCausal, x)
     }
 
     fn fused_softmax_backward(
@@ -339,13 +363,15 @@ pub fn sigmoid<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 }
 
 /// Scaled dot-product attention `softmax(q kᵀ / sqrt(d) + bias) v` over `[B, H, L, d]`
-/// tensors, optionally causal (each query sees the keys at or before it).
+/// tensors, optionally causal (query i sees keys 0..=i, as in burn).
 ///
 /// On Flex the scores go through the fused softmax: under autodiff (training) burn would
 /// fall back to separate operations with its scalar softmax, and without autodiff
 /// (sampling, imagination, play) matmuls with the fused softmax beat burn's flash-style
 /// kernel as long as the score matrix fits in 512 MiB; beyond that burn's kernel (memory
-/// linear in the sequence length) is used. Other backends take burn's `attention`.
+/// linear in the sequence length) is used, except for causal attention with fewer queries
+/// than keys, where burn's Flex kernel masks differently from its other backends. Other
+/// backends take burn's `attention`.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -359,6 +385,9 @@ pub fn attention<B: Backend>(
     let [b, h, lq, _] = q.dims();
     let lk = k.dims()[2];
     let small = b * h * lq * lk * 4 <= MAX_SCORES;
+    // burn's Flex kernel aligns a causal mask differently from burn's own fallback (and
+    // from this function) when there are fewer queries than keys: keep one convention.
+    let small = small || (causal && lq != lk);
     let training = std::any::TypeId::of::<B>() == std::any::TypeId::of::<Autodiff<Flex>>();
     let composed = path::<B>() == Path::Fused && is_float(&q) && (training || small);
     if !composed {
@@ -368,7 +397,20 @@ pub fn attention<B: Backend>(
         };
         return burn::tensor::module::attention(q, k, v, None, bias, options);
     }
-    attention_composed(q, k, v, bias, causal, softmax)
+    if causal {
+        // The mask inside the softmax kernel, not built with separate operations.
+        return attention_composed(q, k, v, bias, false, |s| {
+            let s = match on::<B, Flex, 4>(s, Flex::fused_softmax_causal) {
+                Ok(y) => return y,
+                Err(s) => s,
+            };
+            match on::<B, Autodiff<Flex>, 4>(s, Autodiff::<Flex>::fused_softmax_causal) {
+                Ok(y) => y,
+                Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
+            }
+        });
+    }
+    attention_composed(q, k, v, bias, false, softmax)
 }
 
 /// Attention from matmuls and the given softmax (the fused one, or burn's for tests).
@@ -384,13 +426,12 @@ pub fn attention_composed<B: Backend>(
     let lk = k.dims()[2];
     let mut scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
     if causal {
-        // Query i sees keys 0..=i (aligned at the end when the lengths differ).
-        let offset = lk as i64 - lq as i64;
+        // Query i sees keys 0..=i (burn's convention when the lengths differ).
         let rows =
             Tensor::<B, 1, Int>::arange(0..lq as i64, &scores.device()).reshape([1, 1, lq, 1]);
         let cols =
             Tensor::<B, 1, Int>::arange(0..lk as i64, &scores.device()).reshape([1, 1, 1, lk]);
-        let future = cols.greater(rows.add_scalar(offset));
+        let future = cols.greater(rows);
         scores = scores.mask_fill(future, f32::NEG_INFINITY);
     }
     if let Some(b) = bias {

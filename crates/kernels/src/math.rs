@@ -470,9 +470,30 @@ fn sum(a: &[f32]) -> f32 {
 }
 
 /// A NaN anywhere in a row makes its exponentials' sum NaN, and so the whole row.
+/// With `causal = Some((lq, first))` the rows are those of `[lq, n]` score matrices,
+/// starting at global row `first`: row i keeps its first `i + 1` entries (keys 0..=i,
+/// burn's convention) and the rest are 0.
 #[inline(always)]
-fn softmax_rows_generic(dst: &mut [Out], src: &[f32], n: usize, log: bool) {
-    for (d, s) in dst.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
+fn softmax_rows_generic(
+    dst: &mut [Out],
+    src: &[f32],
+    n: usize,
+    log: bool,
+    causal: Option<(usize, usize)>,
+) {
+    for (r, (d, s)) in dst.chunks_exact_mut(n).zip(src.chunks_exact(n)).enumerate() {
+        let valid = match causal {
+            Some((lq, first)) => ((first + r) % lq + 1).min(n),
+            None => n,
+        };
+        let (d, masked) = d.split_at_mut(valid);
+        for o in masked.iter_mut() {
+            o.write(if log { f32::NEG_INFINITY } else { 0.0 });
+        }
+        if valid == 0 {
+            continue;
+        }
+        let s = &s[..valid];
         let m = row_max(s);
         let total = exp_shifted(d, s, m);
         // SAFETY: `exp_shifted` wrote every element of the row.
@@ -490,7 +511,7 @@ fn softmax_rows_generic(dst: &mut [Out], src: &[f32], n: usize, log: bool) {
         }
     }
 }
-multiversion!(softmax_rows_generic, softmax_rows_at, (dst: &mut [Out], src: &[f32], n: usize, log: bool));
+multiversion!(softmax_rows_generic, softmax_rows_at, (dst: &mut [Out], src: &[f32], n: usize, log: bool, causal: Option<(usize, usize)>));
 
 #[inline(always)]
 fn softmax_back_generic(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bool) {
@@ -526,13 +547,28 @@ pub fn softmax(dst: &mut [f32], src: &[f32], n: usize, log: bool) {
 
 /// [`softmax`] into memory that need not be initialised.
 pub fn softmax_into(dst: &mut [Out], src: &[f32], n: usize, log: bool) {
+    softmax_masked_into(dst, src, n, log, None)
+}
+
+/// Softmax over the causal part of each row of `[.., lq, n]` score matrices (see
+/// `softmax_rows_generic`); the masked entries are 0.
+pub fn softmax_causal_into(dst: &mut [Out], src: &[f32], lq: usize, n: usize) {
+    assert!(lq > 0);
+    softmax_masked_into(dst, src, n, false, Some(lq))
+}
+
+fn softmax_masked_into(dst: &mut [Out], src: &[f32], n: usize, log: bool, lq: Option<usize>) {
     assert_eq!(dst.len(), src.len());
     assert!(n > 0 && src.len().is_multiple_of(n));
     let level = level();
-    let rows = rows_per_task(n) * n;
-    dst.par_chunks_mut(rows)
-        .zip(src.par_chunks(rows))
-        .for_each(|(d, s)| softmax_rows_at(level, d, s, n, log));
+    let per_task = rows_per_task(n);
+    dst.par_chunks_mut(per_task * n)
+        .zip(src.par_chunks(per_task * n))
+        .enumerate()
+        .for_each(|(t, (d, s))| {
+            let causal = lq.map(|lq| (lq, t * per_task));
+            softmax_rows_at(level, d, s, n, log, causal)
+        });
 }
 
 /// The gradient of [`softmax`] given its output `y` and the output's gradient `g`.
