@@ -40,6 +40,18 @@ pub trait FusedBackend: Backend {
     /// Softmax along the last dimension of `[.., Lq, Lk]` scores over each query i's keys
     /// 0..=i (burn's causal convention); the other entries are 0.
     fn fused_softmax_causal(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `x · (1 + scale) + shift` for tokens `x` `[G, N, D]` and rows `[G, 1, D]`.
+    fn fused_modulate(
+        x: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// The gradients of [`FusedBackend::fused_modulate`] for `x`, `shift` and `scale`.
+    fn fused_modulate_backward(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3];
     /// The input gradient of [`FusedBackend::fused_softmax`] from its output `y`.
     fn fused_softmax_backward(
         y: FloatTensor<Self>,
@@ -133,6 +145,67 @@ impl FusedBackend for Flex {
         flex_from(out, shape)
     }
 
+    fn fused_modulate(x: FlexTensor, shift: FlexTensor, scale: FlexTensor) -> FlexTensor {
+        let ((cx, shape), (csh, _), (csc, _)) = (flex_f32(&x), flex_f32(&shift), flex_f32(&scale));
+        let [_, n, d] = shape.dims::<3>();
+        let xs = cx.as_slice::<f32>().expect("contiguous f32");
+        let (sh, sc) = (
+            csh.as_slice::<f32>().expect("contiguous f32"),
+            csc.as_slice::<f32>().expect("contiguous f32"),
+        );
+        if xs.is_empty() {
+            return flex_from(Vec::new(), shape);
+        }
+        let out = math::fill_new(xs.len(), |o| math::modulate_into(o, xs, sh, sc, n, d));
+        flex_from(out, shape)
+    }
+
+    fn fused_modulate_backward(
+        x: FlexTensor,
+        scale: FlexTensor,
+        grad: FlexTensor,
+    ) -> [FlexTensor; 3] {
+        let ((cx, shape), (csc, row_shape), (cg, _)) =
+            (flex_f32(&x), flex_f32(&scale), flex_f32(&grad));
+        let [_, n, d] = shape.dims::<3>();
+        let (xs, sc, gs) = (
+            cx.as_slice::<f32>().expect("contiguous f32"),
+            csc.as_slice::<f32>().expect("contiguous f32"),
+            cg.as_slice::<f32>().expect("contiguous f32"),
+        );
+        let mut dshift = Vec::with_capacity(sc.len());
+        let mut dscale = Vec::with_capacity(sc.len());
+        let dx = math::fill_new(xs.len(), |dx| {
+            if !xs.is_empty() {
+                math::modulate_backward_into(
+                    dx,
+                    &mut dshift.spare_capacity_mut()[..sc.len()],
+                    &mut dscale.spare_capacity_mut()[..sc.len()],
+                    xs,
+                    sc,
+                    gs,
+                    n,
+                    d,
+                );
+            }
+        });
+        if xs.is_empty() {
+            dshift.resize(sc.len(), 0.0);
+            dscale.resize(sc.len(), 0.0);
+        } else {
+            // SAFETY: `modulate_backward_into` wrote every row of both.
+            unsafe {
+                dshift.set_len(sc.len());
+                dscale.set_len(sc.len());
+            }
+        }
+        [
+            flex_from(dx, shape),
+            flex_from(dshift, row_shape.clone()),
+            flex_from(dscale, row_shape),
+        ]
+    }
+
     fn fused_softmax_backward(y: FlexTensor, grad: FlexTensor, log: bool) -> FlexTensor {
         let ((cy, shape), (cg, _)) = (flex_f32(&y), flex_f32(&grad));
         let n = *shape.as_slice().last().expect("a tensor with dimensions");
@@ -209,7 +282,65 @@ fn tracked<B: FusedBackend, C: CheckpointStrategy>(
     }
 }
 
+#[derive(Debug)]
+struct ModulateGrad;
+
+impl<B: FusedBackend> Backward<B, 3> for ModulateGrad {
+    /// `x` and `scale`.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, scale) = ops.state;
+        let [dx, dshift, dscale] = B::fused_modulate_backward(x, scale, grad);
+        for (parent, g) in ops.parents.into_iter().zip([dx, dshift, dscale]) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
 impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
+    fn fused_modulate(
+        x: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match ModulateGrad
+            .prepare::<C>([x.node.clone(), shift.node.clone(), scale.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_modulate(
+                    x.primitive.clone(),
+                    shift.primitive,
+                    scale.primitive.clone(),
+                );
+                prep.finish((x.primitive, scale.primitive), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_modulate(
+                x.primitive,
+                shift.primitive,
+                scale.primitive,
+            )),
+        }
+    }
+
+    fn fused_modulate_backward(
+        _x: FloatTensor<Self>,
+        _scale: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        unimplemented!("second derivatives of the fused operations are not supported")
+    }
+
     fn fused_unary(op: Unary, x: FloatTensor<Self>) -> FloatTensor<Self> {
         tracked::<B, C>(Fused::Unary(op), x)
     }
@@ -438,4 +569,67 @@ pub fn attention_composed<B: Backend>(
         scores = scores + b;
     }
     softmax(scores).matmul(v)
+}
+
+/// Adaptive modulation `x · (1 + scale) + shift` of tokens `[B, F, N, D]` by per-frame
+/// rows `[B, F, 1, D]` (adaLN and the DWS action module): one fused pass forward and
+/// backward on Flex, where burn's broadcasting takes a slow strided path; burn's
+/// operations elsewhere.
+pub fn modulate<B: Backend>(
+    x: Tensor<B, 4>,
+    shift: Tensor<B, 4>,
+    scale: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [b, f, n, d] = x.dims();
+    let fused = path::<B>() == Path::Fused
+        && is_float(&x)
+        && shift.dims() == [b, f, 1, d]
+        && scale.dims() == [b, f, 1, d];
+    if !fused {
+        return x * (scale + 1.0) + shift;
+    }
+    let g = b * f;
+    let parts = (
+        x.reshape([g, n, d]),
+        shift.reshape([g, 1, d]),
+        scale.reshape([g, 1, d]),
+    );
+    let out = match on3::<B, Flex>(parts, |x, sh, sc| Flex::fused_modulate(x, sh, sc)) {
+        Ok(y) => y,
+        Err(parts) => match on3::<B, Autodiff<Flex>>(parts, |x, sh, sc| {
+            Autodiff::<Flex>::fused_modulate(x, sh, sc)
+        }) {
+            Ok(y) => y,
+            Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
+        },
+    };
+    out.reshape([b, f, n, d])
+}
+
+type Three<B> = (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>);
+
+/// [`on`] for three tensors.
+fn on3<B: Backend, F: FusedBackend>(
+    parts: Three<B>,
+    f: impl FnOnce(FloatTensor<F>, FloatTensor<F>, FloatTensor<F>) -> FloatTensor<F>,
+) -> Result<Tensor<B, 3>, Three<B>> {
+    let any: Box<dyn Any> = Box::new(parts);
+    match any.downcast::<Three<F>>() {
+        Ok(t) => {
+            let (a, b, c) = *t;
+            let prim = |t: Tensor<F, 3>| t.into_primitive().tensor();
+            let y = Tensor::<F, 3>::from_primitive(TensorPrimitive::Float(f(
+                prim(a),
+                prim(b),
+                prim(c),
+            )));
+            let back: Box<dyn Any> = Box::new(y);
+            Ok(*back
+                .downcast::<Tensor<B, 3>>()
+                .expect("B is F, so their tensors are one type"))
+        }
+        Err(any) => Err(*any
+            .downcast::<Three<B>>()
+            .expect("the box holds the tensors it was given")),
+    }
 }

@@ -602,3 +602,63 @@ pub fn softmax_backward_into(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, lo
         .zip(g.par_chunks(rows))
         .for_each(|((d, y), g)| softmax_back_at(level, d, y, g, n, log));
 }
+
+/// Adaptive modulation of `[G, N, D]` tokens by per-group rows: `out[g, n, :] =
+/// x[g, n, :] · (1 + scale[g, :]) + shift[g, :]`.
+pub fn modulate_into(dst: &mut [Out], x: &[f32], shift: &[f32], scale: &[f32], n: usize, d: usize) {
+    let per = n * d;
+    assert!(x.len() == dst.len() && x.len() == shift.len() / d * per && shift.len() == scale.len());
+    dst.par_chunks_mut(per)
+        .zip(x.par_chunks(per))
+        .zip(shift.par_chunks(d).zip(scale.par_chunks(d)))
+        .for_each(|((o, x), (sh, sc))| {
+            for (orow, xrow) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                for i in 0..d {
+                    orow[i].write(xrow[i] * (1.0 + sc[i]) + sh[i]);
+                }
+            }
+        });
+}
+
+/// The gradients of [`modulate_into`] for `x` (into `dx`), `shift` and `scale` (summed
+/// over the N tokens of each group, into `dshift` and `dscale`).
+#[allow(clippy::too_many_arguments)]
+pub fn modulate_backward_into(
+    dx: &mut [Out],
+    dshift: &mut [Out],
+    dscale: &mut [Out],
+    x: &[f32],
+    scale: &[f32],
+    g: &[f32],
+    n: usize,
+    d: usize,
+) {
+    let per = n * d;
+    assert!(x.len() == g.len() && dx.len() == x.len() && dshift.len() == scale.len());
+    dx.par_chunks_mut(per)
+        .zip(dshift.par_chunks_mut(d).zip(dscale.par_chunks_mut(d)))
+        .zip(
+            x.par_chunks(per)
+                .zip(g.par_chunks(per))
+                .zip(scale.par_chunks(d)),
+        )
+        .for_each(|((dxg, (dsh, dsc)), ((xg, gg), sc))| {
+            let mut sum_g = vec![0f32; d];
+            let mut sum_gx = vec![0f32; d];
+            for ((orow, xrow), grow) in dxg
+                .chunks_exact_mut(d)
+                .zip(xg.chunks_exact(d))
+                .zip(gg.chunks_exact(d))
+            {
+                for i in 0..d {
+                    orow[i].write(grow[i] * (1.0 + sc[i]));
+                    sum_g[i] += grow[i];
+                    sum_gx[i] += grow[i] * xrow[i];
+                }
+            }
+            for i in 0..d {
+                dsh[i].write(sum_g[i]);
+                dsc[i].write(sum_gx[i]);
+            }
+        });
+}

@@ -400,3 +400,34 @@ fn attention_gradients_equal_burns_composition() {
         }
     }
 }
+
+#[test]
+fn modulation_and_its_gradients_equal_burns_composition() {
+    let (b, f, n, d) = (2, 3, 5, 7);
+    let run = |fused: bool| {
+        let x = random::<A, 4>([b, f, n, d], 2.0, 40).require_grad();
+        // Shift and scale as the models make them: halves of one projection.
+        let m = random::<A, 3>([b, f, 2 * d], 1.0, 41).require_grad();
+        let shift = m.clone().narrow(2, 0, d).unsqueeze_dim::<4>(2);
+        let scale = m.clone().narrow(2, d, d).unsqueeze_dim::<4>(2);
+        let w = random::<A, 4>([b, f, n, d], 1.0, 42);
+        let y = if fused {
+            dws_kernels::modulate(x.clone(), shift, scale)
+        } else {
+            x.clone() * (scale + 1.0) + shift
+        };
+        let grads = (y.clone() * w).sum().backward();
+        (y.inner(), x.grad(&grads).unwrap(), m.grad(&grads).unwrap())
+    };
+    let (yf, dxf, dmf) = run(true);
+    let (yr, dxr, dmr) = run(false);
+    assert!(max_gap(yf, yr) < 1e-5);
+    assert!(max_gap(dxf, dxr) < 1e-5);
+    assert!(max_gap(dmf, dmr) < 1e-4);
+    // Without autodiff too.
+    let x = random::<Flex, 4>([b, f, n, d], 2.0, 43);
+    let sh = random::<Flex, 4>([b, f, 1, d], 1.0, 44);
+    let sc = random::<Flex, 4>([b, f, 1, d], 1.0, 45);
+    let want = x.clone() * (sc.clone() + 1.0) + sh.clone();
+    assert!(max_gap(dws_kernels::modulate(x, sh, sc), want) < 1e-5);
+}

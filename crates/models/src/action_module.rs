@@ -52,7 +52,7 @@ impl<B: Backend> ActionModule<B> {
         let m = self.modulation.forward(c); // [B, F, 2D]
         let alpha = m.clone().narrow(2, 0, d).unsqueeze_dim::<4>(2); // [B, F, 1, D]
         let beta = m.narrow(2, d, d).unsqueeze_dim::<4>(2); // [B, F, 1, D]
-        let h = self.norm.forward(x.clone()) * (alpha + 1.0) + beta;
+        let h = dws_kernels::modulate(self.norm.forward(x.clone()), beta, alpha);
         x + self.ffn_out.forward(gelu(self.ffn_in.forward(h)))
     }
 }

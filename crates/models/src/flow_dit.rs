@@ -204,8 +204,9 @@ struct Block<B: Backend> {
 }
 
 /// `norm(x) * (1 + scale) + shift` with per-frame modulation `[B, F, 1, D]`.
+/// `x · (1 + scale) + shift`, fused on the CPU backend.
 fn modulate<B: Backend>(x: Tensor<B, 4>, shift: Tensor<B, 4>, scale: Tensor<B, 4>) -> Tensor<B, 4> {
-    x * (scale + 1.0) + shift
+    dws_kernels::modulate(x, shift, scale)
 }
 
 impl<B: Backend> Block<B> {
