@@ -594,11 +594,9 @@ pub fn modulate<B: Backend>(
         shift.reshape([g, 1, d]),
         scale.reshape([g, 1, d]),
     );
-    let out = match on3::<B, Flex>(parts, |x, sh, sc| Flex::fused_modulate(x, sh, sc)) {
+    let out = match on3::<B, Flex>(parts, Flex::fused_modulate) {
         Ok(y) => y,
-        Err(parts) => match on3::<B, Autodiff<Flex>>(parts, |x, sh, sc| {
-            Autodiff::<Flex>::fused_modulate(x, sh, sc)
-        }) {
+        Err(parts) => match on3::<B, Autodiff<Flex>>(parts, Autodiff::<Flex>::fused_modulate) {
             Ok(y) => y,
             Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
         },
