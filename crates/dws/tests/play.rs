@@ -402,6 +402,7 @@ fn chromium(profile: &Path) -> Browser {
             "--headless=new",
             "--no-sandbox",
             "--disable-gpu",
+            "--disable-dev-shm-usage",
             "--no-first-run",
             "--window-size=1000,900",
             "--remote-debugging-port=0",
