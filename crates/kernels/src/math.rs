@@ -149,16 +149,7 @@ pub fn erf(x: f32) -> f32 {
     let s = s * x2 - 1.0 / 3.0;
     let s = s * x2 + 1.0;
     let small = FRAC_2_SQRT_PI * x * s;
-    // Large |x|.
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let q = 1.061_405_4;
-    let q = q * t - 1.453_152_1;
-    let q = q * t + 1.421_413_8;
-    let q = q * t - 0.284_496_74;
-    let q = q * t + 0.254_829_6;
-    let big = 1.0 - q * t * exp(-x2);
-    let big = select(x < 0.0, -big, big);
-    let y = select(a < 0.5, small, big);
+    let y = select(a < 0.5, small, erf_abs(x));
     select(x.is_nan(), x, y)
 }
 
