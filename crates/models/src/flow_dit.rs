@@ -209,6 +209,13 @@ fn modulate<B: Backend>(x: Tensor<B, 4>, shift: Tensor<B, 4>, scale: Tensor<B, 4
     dws_kernels::modulate(x, shift, scale)
 }
 
+/// `h · gate` for per-frame gate rows `[B, F, 1, D]`: the fused modulation with no shift
+/// (a broadcast multiply would take the CPU backend's slow strided path).
+fn gated<B: Backend>(h: Tensor<B, 4>, gate: Tensor<B, 4>) -> Tensor<B, 4> {
+    let zeros = gate.zeros_like();
+    dws_kernels::modulate(h, zeros, gate - 1.0)
+}
+
 impl<B: Backend> Block<B> {
     /// `x`: `[B, F, N, D]`, `temb`: `[B, F, D]`.
     fn forward(&self, x: Tensor<B, 4>, temb: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
@@ -227,7 +234,7 @@ impl<B: Backend> Block<B> {
                 .forward(h.reshape([b, f * n, d]), heads)
                 .reshape([b, f, n, d]),
         };
-        let mut x = x + h * part(2);
+        let mut x = x + gated(h, part(2));
         let mut next = 3;
         if let (Some(attn_t), Some(norm_t)) = (&self.attn_t, &self.norm_t) {
             let h = modulate(norm_t.forward(x.clone()), part(3), part(4));
@@ -236,12 +243,12 @@ impl<B: Backend> Block<B> {
                 .forward(h, heads)
                 .reshape([b, n, f, d])
                 .swap_dims(1, 2);
-            x = x + h * part(5);
+            x = x + gated(h, part(5));
             next = 6;
         }
         let h = modulate(self.norm2.forward(x.clone()), part(next), part(next + 1));
         let h = self.fc2.forward(gelu(self.fc1.forward(h)));
-        x + h * part(next + 2)
+        x + gated(h, part(next + 2))
     }
 }
 
