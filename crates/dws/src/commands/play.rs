@@ -962,7 +962,8 @@ impl Session {
         // The panes are compared on frames where both moved on from the same start.
         let psnr = match (&sim, &real) {
             (Some(s), Some(r)) if info.reward.is_some() && self.real_synced => {
-                let p = dws_metrics::image::psnr_from_mse(mse(s, r));
+                // One frame: `predict`'s per-frame errors of u8 images.
+                let p = super::predict::errors(s, r, s.len()).mean_psnr;
                 self.psnr_sum += p.min(100.0);
                 self.psnr_n += 1;
                 Some(p)
@@ -1031,19 +1032,6 @@ struct StepInfo {
     batch: usize,
     /// The real environment's reward, when it stepped.
     reward: Option<f32>,
-}
-
-/// Mean squared error of two u8 images, values scaled to [0, 1].
-fn mse(a: &[u8], b: &[u8]) -> f64 {
-    let sum: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| {
-            let d = (*x as f64 - *y as f64) / 255.0;
-            d * d
-        })
-        .sum();
-    sum / a.len().max(1) as f64
 }
 
 /// The panes of one frame side by side, `[h, w * panes, 3]`; a missing pane is grey.
