@@ -23,6 +23,7 @@ mod dataset;
 mod episode;
 mod npz;
 mod preview;
+pub mod sumtree;
 pub mod tfrecord;
 
 pub use clips::{ClipBatch, ClipSampler};
@@ -30,6 +31,7 @@ pub use dataset::{Dataset, DatasetHeader, DatasetWriter, EpisodeEntry, Manifest,
 pub use episode::{Actions, Episode};
 pub use npz::export_npz;
 pub use preview::{preview_grid, write_png, PreviewOptions};
+pub use sumtree::SumTree;
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

@@ -38,6 +38,9 @@ enum Command {
     Predict(commands::predict::PredictArgs),
     /// Drive a world simulator from the browser, beside the real environment.
     Play(commands::play::PlayArgs),
+    /// Train an agent with PPO in a real environment (learning curve beside the random
+    /// policy's return).
+    Ppo(commands::ppo::PpoArgs),
     /// Score a model on held-out clips (PSNR, SSIM, LPIPS, FVD) beside the repeat-last-frame
     /// reference; writes metrics.json, plots, GIFs and an HTML report.
     Eval(commands::eval::EvalArgs),
@@ -96,6 +99,7 @@ fn main() {
         Command::Finetune(a) => commands::world::finetune(a),
         Command::Predict(a) => commands::predict::predict(a).map(|_| ()),
         Command::Play(a) => commands::play::play(a),
+        Command::Ppo(a) => commands::ppo::ppo(a).map(|_| ()),
         Command::Eval(a) => commands::eval::eval(a).map(|_| ()),
         Command::Compare(a) => commands::eval::compare(a).map(|_| ()),
         Command::Metrics(c) => commands::metrics::run(c),

@@ -11,7 +11,9 @@
 //! when `B` is `Flex` or `Autodiff<Flex>` and burn's own operations on every other
 //! backend (CUDA keeps burn's kernels).
 
+pub mod conv;
 pub mod math;
+pub mod pool;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -58,6 +60,75 @@ pub trait FusedBackend: Backend {
         grad: FloatTensor<Self>,
         log: bool,
     ) -> FloatTensor<Self>;
+    /// 2-D convolution with stride 1 and zero padding `[rows, cols]`: `x` `[N, C, H, W]`,
+    /// `w` `[O, C, kh, kw]`, `b` `[O]`.
+    fn fused_conv2d(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        padding: [usize; 2],
+    ) -> FloatTensor<Self>;
+    /// The gradients of [`FusedBackend::fused_conv2d`] for `x`, `w` and `b`.
+    fn fused_conv2d_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        padding: [usize; 2],
+    ) -> [FloatTensor<Self>; 3];
+    /// Max pooling of `[N, C, H, W]` (see [`pool::PoolShape`] for what it covers).
+    fn fused_max_pool2d(x: FloatTensor<Self>, pool: PoolArgs) -> FloatTensor<Self>;
+    /// [`FusedBackend::fused_max_pool2d`] with each output's winner (index in its plane).
+    fn fused_max_pool2d_with_indices(
+        x: FloatTensor<Self>,
+        pool: PoolArgs,
+    ) -> (FloatTensor<Self>, Vec<u32>);
+    /// The input gradient of a max pooling of an input of shape `input`.
+    fn fused_max_pool2d_backward(
+        grad: FloatTensor<Self>,
+        indices: &[u32],
+        input: [usize; 4],
+        pool: PoolArgs,
+    ) -> FloatTensor<Self>;
+}
+
+/// Kernel, stride and padding of a max pooling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolArgs {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+}
+
+fn pool_shape(dims: [usize; 4], p: PoolArgs) -> pool::PoolShape {
+    let [n, c, h, w] = dims;
+    pool::PoolShape {
+        planes: n * c,
+        h,
+        w,
+        kernel: p.kernel,
+        stride: p.stride,
+        padding: p.padding,
+    }
+}
+
+fn conv_shape(x: &Shape, w: &Shape, padding: [usize; 2]) -> conv::ConvShape {
+    let [n, c, h, wd] = x.dims::<4>();
+    let [o, c2, kh, kw] = w.dims::<4>();
+    assert_eq!(
+        c, c2,
+        "conv2d: input has {c} channels, the weight takes {c2}"
+    );
+    conv::ConvShape {
+        n,
+        c,
+        h,
+        w: wd,
+        o,
+        kh,
+        kw,
+        ph: padding[0],
+        pw: padding[1],
+    }
 }
 
 /// A Flex tensor's values, contiguous, with its shape. The kernels are f32 only: the
@@ -217,6 +288,69 @@ impl FusedBackend for Flex {
         let out = math::fill_new(ys.len(), |d| math::softmax_backward_into(d, ys, gs, n, log));
         flex_from(out, shape)
     }
+    fn fused_conv2d(
+        x: FlexTensor,
+        w: FlexTensor,
+        b: FlexTensor,
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        let ((cx, xs), (cw, ws), (cb, _)) = (flex_f32(&x), flex_f32(&w), flex_f32(&b));
+        let s = conv_shape(&xs, &ws, padding);
+        let y = conv::forward(
+            &s,
+            cx.as_slice::<f32>().expect("contiguous f32"),
+            cw.as_slice::<f32>().expect("contiguous f32"),
+            Some(cb.as_slice::<f32>().expect("contiguous f32")),
+        );
+        flex_from(y, Shape::new([s.n, s.o, s.out_h(), s.out_w()]))
+    }
+
+    fn fused_conv2d_backward(
+        x: FlexTensor,
+        w: FlexTensor,
+        grad: FlexTensor,
+        padding: [usize; 2],
+    ) -> [FlexTensor; 3] {
+        let ((cx, xs), (cw, ws), (cg, _)) = (flex_f32(&x), flex_f32(&w), flex_f32(&grad));
+        let s = conv_shape(&xs, &ws, padding);
+        let (dx, dw, db) = conv::backward(
+            &s,
+            cx.as_slice::<f32>().expect("contiguous f32"),
+            cw.as_slice::<f32>().expect("contiguous f32"),
+            cg.as_slice::<f32>().expect("contiguous f32"),
+        );
+        [
+            flex_from(dx, xs),
+            flex_from(dw, ws),
+            flex_from(db, Shape::new([s.o])),
+        ]
+    }
+    fn fused_max_pool2d(x: FlexTensor, pool: PoolArgs) -> FlexTensor {
+        Self::fused_max_pool2d_with_indices(x, pool).0
+    }
+
+    fn fused_max_pool2d_with_indices(x: FlexTensor, pool: PoolArgs) -> (FlexTensor, Vec<u32>) {
+        let (cx, xs) = flex_f32(&x);
+        let dims = xs.dims::<4>();
+        let s = pool_shape(dims, pool);
+        let (y, idx) = pool::forward(&s, cx.as_slice::<f32>().expect("contiguous f32"));
+        (
+            flex_from(y, Shape::new([dims[0], dims[1], s.out_h(), s.out_w()])),
+            idx,
+        )
+    }
+
+    fn fused_max_pool2d_backward(
+        grad: FlexTensor,
+        indices: &[u32],
+        input: [usize; 4],
+        pool: PoolArgs,
+    ) -> FlexTensor {
+        let (cg, _) = flex_f32(&grad);
+        let s = pool_shape(input, pool);
+        let dx = pool::backward(&s, cg.as_slice::<f32>().expect("contiguous f32"), indices);
+        flex_from(dx, Shape::new(input))
+    }
 }
 
 /// Which fused operation a tracked autodiff node came from.
@@ -306,7 +440,127 @@ impl<B: FusedBackend> Backward<B, 3> for ModulateGrad {
     }
 }
 
+#[derive(Debug)]
+struct MaxPoolGrad {
+    pool: PoolArgs,
+    input: [usize; 4],
+}
+
+impl<B: FusedBackend> Backward<B, 1> for MaxPoolGrad {
+    /// The winners.
+    type State = std::sync::Arc<Vec<u32>>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let indices = ops.state;
+        let (pool, input) = (self.pool, self.input);
+        ad_unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::fused_max_pool2d_backward(grad, &indices, input, pool)
+        });
+    }
+}
+
+#[derive(Debug)]
+struct Conv2dGrad {
+    padding: [usize; 2],
+}
+
+impl<B: FusedBackend> Backward<B, 3> for Conv2dGrad {
+    /// `x` and `w`.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        let [dx, dw, db] = B::fused_conv2d_backward(x, w, grad, self.padding);
+        for (parent, g) in ops.parents.into_iter().zip([dx, dw, db]) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
 impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
+    fn fused_conv2d(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        match (Conv2dGrad { padding })
+            .prepare::<C>([x.node.clone(), w.node.clone(), b.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_conv2d(
+                    x.primitive.clone(),
+                    w.primitive.clone(),
+                    b.primitive,
+                    padding,
+                );
+                prep.finish((x.primitive, w.primitive), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_conv2d(
+                x.primitive,
+                w.primitive,
+                b.primitive,
+                padding,
+            )),
+        }
+    }
+
+    fn fused_conv2d_backward(
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+        _padding: [usize; 2],
+    ) -> [FloatTensor<Self>; 3] {
+        unimplemented!("second derivatives of the fused operations are not supported")
+    }
+
+    fn fused_max_pool2d(x: FloatTensor<Self>, pool: PoolArgs) -> FloatTensor<Self> {
+        use burn::tensor::TensorMetadata;
+        let input = x.primitive.shape().dims::<4>();
+        match (MaxPoolGrad { pool, input })
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, idx) = B::fused_max_pool2d_with_indices(x.primitive, pool);
+                prep.finish(std::sync::Arc::new(idx), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_max_pool2d(x.primitive, pool)),
+        }
+    }
+
+    fn fused_max_pool2d_with_indices(
+        _x: FloatTensor<Self>,
+        _pool: PoolArgs,
+    ) -> (FloatTensor<Self>, Vec<u32>) {
+        unimplemented!("the autodiff backend pools through fused_max_pool2d")
+    }
+
+    fn fused_max_pool2d_backward(
+        _grad: FloatTensor<Self>,
+        _indices: &[u32],
+        _input: [usize; 4],
+        _pool: PoolArgs,
+    ) -> FloatTensor<Self> {
+        unimplemented!("second derivatives of the fused operations are not supported")
+    }
+
     fn fused_modulate(
         x: FloatTensor<Self>,
         shift: FloatTensor<Self>,
@@ -629,5 +883,98 @@ fn on3<B: Backend, F: FusedBackend>(
         Err(any) => Err(*any
             .downcast::<Three<B>>()
             .expect("the box holds the tensors it was given")),
+    }
+}
+
+/// 2-D convolution with stride 1, zero padding `[rows, cols]` and a bias: `x`
+/// `[N, C, H, W]`, `weight` `[O, C, kh, kw]`, `bias` `[O]`. On Flex (and under autodiff)
+/// one im2col + GEMM pass forward and backward ([`conv`]); burn's `conv2d` elsewhere.
+pub fn conv2d<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Tensor<B, 1>,
+    padding: [usize; 2],
+) -> Tensor<B, 4> {
+    let [_, c, h, w] = x.dims();
+    let [o, c2, kh, kw] = weight.dims();
+    let fused = path::<B>() == Path::Fused
+        && is_float(&x)
+        && c == c2
+        && bias.dims() == [o]
+        && h + 2 * padding[0] >= kh
+        && w + 2 * padding[1] >= kw;
+    if !fused {
+        return burn::tensor::module::conv2d(
+            x,
+            weight,
+            Some(bias),
+            burn::tensor::ops::ConvOptions::new([1, 1], padding, [1, 1], 1),
+        );
+    }
+    let parts = (x, weight, bias);
+    match on_conv::<B, Flex>(parts, |x, w, b| Flex::fused_conv2d(x, w, b, padding)) {
+        Ok(y) => y,
+        Err(parts) => match on_conv::<B, Autodiff<Flex>>(parts, |x, w, b| {
+            Autodiff::<Flex>::fused_conv2d(x, w, b, padding)
+        }) {
+            Ok(y) => y,
+            Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
+        },
+    }
+}
+
+type ConvParts<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 1>);
+
+/// [`on`] for a convolution's input, weight and bias.
+fn on_conv<B: Backend, F: FusedBackend>(
+    parts: ConvParts<B>,
+    f: impl FnOnce(FloatTensor<F>, FloatTensor<F>, FloatTensor<F>) -> FloatTensor<F>,
+) -> Result<Tensor<B, 4>, ConvParts<B>> {
+    let any: Box<dyn Any> = Box::new(parts);
+    match any.downcast::<ConvParts<F>>() {
+        Ok(t) => {
+            let (x, w, b) = *t;
+            let y = Tensor::<F, 4>::from_primitive(TensorPrimitive::Float(f(
+                x.into_primitive().tensor(),
+                w.into_primitive().tensor(),
+                b.into_primitive().tensor(),
+            )));
+            let back: Box<dyn Any> = Box::new(y);
+            Ok(*back
+                .downcast::<Tensor<B, 4>>()
+                .expect("B is F, so their tensors are one type"))
+        }
+        Err(any) => Err(*any
+            .downcast::<ConvParts<B>>()
+            .expect("the box holds the tensors it was given")),
+    }
+}
+
+/// 2-D max pooling of `[N, C, H, W]` (no dilation, floor mode): one pass that keeps the
+/// winners on Flex, burn's `max_pool2d` elsewhere or for shapes the kernel does not take.
+pub fn max_pool2d<B: Backend>(
+    x: Tensor<B, 4>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> Tensor<B, 4> {
+    let args = PoolArgs {
+        kernel,
+        stride,
+        padding,
+    };
+    let fused =
+        path::<B>() == Path::Fused && is_float(&x) && pool_shape(x.dims(), args).supported();
+    if !fused {
+        return burn::tensor::module::max_pool2d(x, kernel, stride, padding, [1, 1], false);
+    }
+    match on::<B, Flex, 4>(x, |p| Flex::fused_max_pool2d(p, args)) {
+        Ok(y) => y,
+        Err(x) => {
+            match on::<B, Autodiff<Flex>, 4>(x, |p| Autodiff::<Flex>::fused_max_pool2d(p, args)) {
+                Ok(y) => y,
+                Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
+            }
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod import;
 pub mod metrics;
 pub mod play;
+pub mod ppo;
 pub mod predict;
 pub mod quickstart;
 pub mod world;

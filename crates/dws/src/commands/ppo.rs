@@ -1,0 +1,331 @@
+//! `dws ppo`: model-free PPO in a real environment.
+//!
+//! Writes into `--out`: `config.json`, `baseline.json` (the uniform-random policy on the
+//! same env, measured first, so the learning curve has a reference from the same run),
+//! `metrics.jsonl`, `checkpoints/`, `returns.png` (mean episode return per update, the
+//! random policy's as a flat line) and `summary.json`.
+
+use crate::device::{dispatch, DeviceArg, Job};
+use crate::plot::{write_line_plot, Series};
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use dws_envs::{make, EnvConfig, SyncVecEnv, VecEnv};
+use dws_rl::run::{self, Baseline, IterLog, RunOptions};
+use dws_rl::{Ppo, PpoConfig};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct PpoArgs {
+    /// Environment id (`dws envs` lists them), e.g. procgen:coinrun.
+    #[arg(long)]
+    pub env: String,
+    /// Env options as key=value pairs, e.g. distribution_mode=easy,num_levels=200.
+    #[arg(long, default_value = "")]
+    pub env_opts: String,
+    /// Env steps to train for (summed over the parallel envs).
+    #[arg(long, default_value_t = 200_000)]
+    pub steps: u64,
+    /// debug (seconds), small (2 CPU cores) or procgen (the Procgen paper's settings).
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    /// Parallel envs (overrides the preset).
+    #[arg(long)]
+    pub num_envs: Option<usize>,
+    /// Steps per env per update (overrides the preset).
+    #[arg(long)]
+    pub num_steps: Option<usize>,
+    /// Learning rate (overrides the preset).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Run directory.
+    #[arg(long, default_value = "runs/ppo")]
+    pub out: PathBuf,
+    /// Continue the run in --out from its newest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Updates between checkpoints.
+    #[arg(long, default_value_t = 10)]
+    pub checkpoint_every: usize,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 3)]
+    pub keep_last: usize,
+    /// Episodes of the random policy measured before training (0: skip).
+    #[arg(long, default_value_t = 100)]
+    pub baseline_episodes: usize,
+    /// Stop after this many updates in this call (for tests of resume).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
+}
+
+/// What a run was started with (`config.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PpoRunConfig {
+    pub env: EnvConfig,
+    pub ppo: PpoConfig,
+    pub steps: u64,
+    pub seed: u64,
+}
+
+/// What a finished `dws ppo` reports (`summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PpoSummary {
+    pub env: String,
+    pub env_steps: u64,
+    pub updates: usize,
+    /// Mean episode return over the first and the last tenth of the updates.
+    pub first_return: Option<f32>,
+    pub last_return: Option<f32>,
+    pub random_return: Option<f32>,
+    pub seconds: f64,
+}
+
+fn make_vec_env(config: &EnvConfig, n: usize) -> Result<SyncVecEnv> {
+    let envs = (0..n)
+        .map(|_| make(config))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("making {}", config.id()))?;
+    Ok(SyncVecEnv::new(envs)?)
+}
+
+fn resolve(args: &PpoArgs) -> Result<PpoRunConfig> {
+    let path = args.out.join("config.json");
+    if args.resume && path.is_file() {
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut stored: PpoRunConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a dws ppo config", path.display()))?;
+        let opts = dws_envs::config::parse_options(&args.env_opts).map_err(anyhow::Error::msg)?;
+        let asked = EnvConfig::parse(&args.env, &opts)?;
+        if asked != stored.env {
+            bail!(
+                "{} was trained on {} with other options; resume with the same --env and --env-opts",
+                args.out.display(),
+                stored.env.id()
+            );
+        }
+        stored.steps = args.steps;
+        return Ok(stored);
+    }
+    let opts = dws_envs::config::parse_options(&args.env_opts).map_err(anyhow::Error::msg)?;
+    let env = EnvConfig::parse(&args.env, &opts)?;
+    let mut ppo = PpoConfig::preset(&args.preset)?;
+    if let Some(n) = args.num_envs {
+        ppo.num_envs = n;
+    }
+    if let Some(n) = args.num_steps {
+        ppo.num_steps = n;
+    }
+    if let Some(lr) = args.lr {
+        ppo.lr = lr;
+    }
+    ppo.validate()?;
+    Ok(PpoRunConfig {
+        env,
+        ppo,
+        steps: args.steps,
+        seed: args.seed,
+    })
+}
+
+struct PpoJob {
+    args: PpoArgs,
+    config: PpoRunConfig,
+}
+
+impl Job for PpoJob {
+    type Out = PpoSummary;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<PpoSummary> {
+        let PpoJob { args, config } = self;
+        let out = &args.out;
+        fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let cfg_path = out.join("config.json");
+        fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
+        let mut env = make_vec_env(&config.env, config.ppo.num_envs)?;
+        let spec = env.spec().clone();
+        let [h, w, _] = spec.frame_shape;
+        if h != w {
+            bail!("{}: PPO here takes square frames, got {h}×{w}", spec.id);
+        }
+        let baseline_path = out.join("baseline.json");
+        let baseline: Option<Baseline> = if baseline_path.is_file() {
+            serde_json::from_str(&fs::read_to_string(&baseline_path)?).ok()
+        } else if args.baseline_episodes > 0 {
+            let mut benv = make_vec_env(&config.env, config.ppo.num_envs)?;
+            let b = run::random_baseline(&mut benv, args.baseline_episodes, config.seed ^ 0x5eed)?;
+            fs::write(&baseline_path, serde_json::to_string_pretty(&b)?)?;
+            println!(
+                "random policy on {}: mean return {:.2} ± {:.2} over {} episodes (mean length {:.0})",
+                spec.id, b.mean_return, b.std_return, b.episodes, b.mean_length
+            );
+            Some(b)
+        } else {
+            None
+        };
+        let mut ppo = Ppo::<B>::new(
+            config.ppo.clone(),
+            spec.action_space.clone(),
+            h,
+            config.seed,
+            &device,
+        )?;
+        let total = run::iterations(&config.ppo, config.steps);
+        println!(
+            "ppo on {}: {} updates of {} envs × {} steps ({} env steps), preset net {:?}, into {}",
+            spec.id,
+            total,
+            config.ppo.num_envs,
+            config.ppo.num_steps,
+            total * config.ppo.batch_size(),
+            config.ppo.net.channels,
+            out.display()
+        );
+        let bar = crate::progress::bar(total as u64, "updates");
+        let mut recent: Vec<f32> = Vec::new();
+        let mut on_update = |l: &IterLog| {
+            bar.set_position(l.iteration as u64);
+            if let Some(r) = l.episode_return {
+                recent.push(r);
+            }
+            let k = recent.len().saturating_sub(10);
+            let avg = recent[k..].iter().sum::<f32>() / (recent.len() - k).max(1) as f32;
+            bar.set_message(format!(
+                "return {avg:.2} (last 10 updates), {:.0} steps/s",
+                l.steps_per_s
+            ));
+            if !bar.is_hidden() {
+                return;
+            }
+            if l.iteration.is_multiple_of(10) {
+                eprintln!(
+                    "update {} ({} steps): return {avg:.2}, entropy {:.3}, value loss {:.3}, {:.0} steps/s",
+                    l.iteration, l.env_steps, l.stats.entropy, l.stats.value_loss, l.steps_per_s
+                );
+            }
+        };
+        let started = std::time::Instant::now();
+        run::train(
+            out,
+            &mut ppo,
+            &mut env,
+            RunOptions {
+                total_steps: config.steps,
+                seed: config.seed,
+                resume: args.resume,
+                checkpoint_every: args.checkpoint_every,
+                keep_last: args.keep_last,
+                stop_after: args.stop_after,
+                on_update: &mut on_update,
+            },
+        )?;
+        bar.finish_and_clear();
+        let logs = read_logs(&out.join("metrics.jsonl"))?;
+        let summary = summarize(
+            &spec.id,
+            &logs,
+            baseline.as_ref(),
+            started.elapsed().as_secs_f64(),
+        );
+        write_plot(&out.join("returns.png"), &logs, baseline.as_ref())?;
+        fs::write(
+            out.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?,
+        )?;
+        let fmt = |r: Option<f32>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
+        println!(
+            "ppo on {}: {} updates, {} env steps; mean episode return first tenth {} → last tenth {} (random policy {}); {:.0} s",
+            summary.env,
+            summary.updates,
+            summary.env_steps,
+            fmt(summary.first_return),
+            fmt(summary.last_return),
+            fmt(summary.random_return),
+            summary.seconds
+        );
+        println!(
+            "wrote {}/metrics.jsonl, returns.png, summary.json, checkpoints/",
+            out.display()
+        );
+        Ok(summary)
+    }
+}
+
+fn read_logs(path: &Path) -> Result<Vec<IterLog>> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("bad line in {}", path.display())))
+        .collect()
+}
+
+/// Episode-weighted mean return over a range of updates.
+fn mean_return(logs: &[IterLog]) -> Option<f32> {
+    let (sum, n) = logs
+        .iter()
+        .fold((0.0f64, 0usize), |(s, n), l| match l.episode_return {
+            Some(r) => (s + r as f64 * l.episodes as f64, n + l.episodes),
+            None => (s, n),
+        });
+    (n > 0).then(|| (sum / n as f64) as f32)
+}
+
+fn summarize(env: &str, logs: &[IterLog], baseline: Option<&Baseline>, seconds: f64) -> PpoSummary {
+    let tenth = (logs.len() / 10).max(1).min(logs.len());
+    PpoSummary {
+        env: env.to_string(),
+        env_steps: logs.last().map_or(0, |l| l.env_steps),
+        updates: logs.len(),
+        first_return: mean_return(&logs[..tenth]),
+        last_return: mean_return(&logs[logs.len() - tenth..]),
+        random_return: baseline.map(|b| b.mean_return),
+        seconds,
+    }
+}
+
+/// Mean return per update (carried over updates where no episode ended), smoothed over
+/// 5 updates, beside the random policy's.
+fn write_plot(path: &Path, logs: &[IterLog], baseline: Option<&Baseline>) -> Result<()> {
+    let mut last = baseline.map_or(0.0, |b| b.mean_return as f64);
+    let raw: Vec<f64> = logs
+        .iter()
+        .map(|l| {
+            if let Some(r) = l.episode_return {
+                last = r as f64;
+            }
+            last
+        })
+        .collect();
+    if raw.len() < 2 {
+        return Ok(());
+    }
+    let smooth: Vec<f64> = (0..raw.len())
+        .map(|i| {
+            let lo = i.saturating_sub(4);
+            raw[lo..=i].iter().sum::<f64>() / (i + 1 - lo) as f64
+        })
+        .collect();
+    let flat: Vec<f64> = baseline.map_or(Vec::new(), |b| vec![b.mean_return as f64; raw.len()]);
+    let mut series = vec![Series {
+        values: &smooth,
+        rgb: [31, 119, 180],
+    }];
+    if !flat.is_empty() {
+        series.push(Series {
+            values: &flat,
+            rgb: [150, 150, 150],
+        });
+    }
+    write_line_plot(path, &series, 1)
+}
+
+pub fn ppo(args: PpoArgs) -> Result<PpoSummary> {
+    let config = resolve(&args)?;
+    let device = args.device;
+    dispatch(device, PpoJob { args, config })
+}
