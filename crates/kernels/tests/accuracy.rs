@@ -431,3 +431,44 @@ fn modulation_and_its_gradients_equal_burns_composition() {
     let want = x.clone() * (sc.clone() + 1.0) + sh.clone();
     assert!(max_gap(dws_kernels::modulate(x, sh, sc), want) < 1e-5);
 }
+
+#[test]
+fn convolution_and_pooling_and_their_gradients_equal_burns_operations() {
+    use burn::tensor::module::{conv2d, max_pool2d};
+    use burn::tensor::ops::ConvOptions;
+    // A conv → pool → conv chain like the IMPALA body, with odd sizes and a batch large
+    // enough that the convolution groups images.
+    let run = |fused: bool| {
+        let x = random::<A, 4>([37, 3, 9, 7], 1.0, 50).require_grad();
+        let w1 = random::<A, 4>([5, 3, 3, 3], 0.5, 51).require_grad();
+        let b1 = random::<A, 1>([5], 0.5, 52).require_grad();
+        let w2 = random::<A, 4>([4, 5, 3, 3], 0.5, 53).require_grad();
+        let b2 = random::<A, 1>([4], 0.5, 54).require_grad();
+        let y = if fused {
+            let h = dws_kernels::conv2d(x.clone(), w1.clone(), b1.clone(), [1, 1]);
+            let h = dws_kernels::max_pool2d(h, [3, 3], [2, 2], [1, 1]);
+            dws_kernels::conv2d(h, w2.clone(), b2.clone(), [1, 1])
+        } else {
+            let opts = || ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+            let h = conv2d(x.clone(), w1.clone(), Some(b1.clone()), opts());
+            let h = max_pool2d(h, [3, 3], [2, 2], [1, 1], [1, 1], false);
+            conv2d(h, w2.clone(), Some(b2.clone()), opts())
+        };
+        let wy = random::<A, 4>(y.dims(), 1.0, 55);
+        let grads = (y.clone() * wy).sum().backward();
+        let g = |t: &Tensor<A, 4>| t.grad(&grads).unwrap();
+        let gb = |t: &Tensor<A, 1>| t.grad(&grads).unwrap();
+        (y.inner(), [g(&x), g(&w1), g(&w2)], [gb(&b1), gb(&b2)])
+    };
+    let (yf, gf, bf) = run(true);
+    let (yr, gr, br) = run(false);
+    assert_eq!(yf.dims(), [37, 4, 5, 4]);
+    assert!(max_gap(yf, yr) < 1e-4);
+    for (a, b) in gf.into_iter().zip(gr) {
+        assert!(max_gap(a, b) < 1e-3);
+    }
+    for (a, b) in bf.into_iter().zip(br) {
+        let gap = (a - b).abs().max().into_scalar();
+        assert!(gap < 1e-3, "bias gradient gap {gap}");
+    }
+}
