@@ -14,6 +14,11 @@ pub trait VecEnv {
     fn step(&mut self, actions: &[Action]) -> Result<&[Step]>;
     /// `[N, H, W, 3]` u8.
     fn obs(&self) -> &[u8];
+    /// The frame env `i`'s episode ended at in the last step, where the env has it and
+    /// the episode was truncated (not terminated): learners bootstrap from its value.
+    fn final_frame(&self, _i: usize) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// Steps its envs one after another in the calling thread.

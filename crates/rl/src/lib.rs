@@ -1,10 +1,12 @@
 //! Reinforcement learning in dws: actor-critic networks and PPO over any
 //! [`dws_envs::VecEnv`], real or imagined by a world model.
 
+pub mod imagine;
 pub mod nets;
 pub mod ppo;
 pub mod run;
 
+pub use imagine::{ImaginedVecEnv, StartBuffer, Starts, WorldModel};
 pub use nets::{ActorCritic, Head, NetConfig};
 pub use ppo::{EpisodeEnd, EpisodeTracker, Ppo, PpoConfig, Rollout, UpdateStats};
 

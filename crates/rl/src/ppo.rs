@@ -180,6 +180,8 @@ pub struct Rollout {
     pub dones: Vec<bool>,
     pub advantages: Vec<f32>,
     pub returns: Vec<f32>,
+    /// One-step TD errors `r + γ V(s') − V(s)` under the critic that collected it.
+    pub td_errors: Vec<f32>,
     /// Episodes that ended in this rollout.
     pub episodes: Vec<EpisodeEnd>,
 }
@@ -455,9 +457,23 @@ impl<B: AutodiffBackend> Ppo<B> {
             values.extend(v);
             let result = env
                 .step(&actions)
-                .map_err(|e| RlError::Env(e.to_string()))?;
+                .map_err(|e| RlError::Env(e.to_string()))?
+                .to_vec();
+            // Truncated episodes whose last frame the env kept: add γ·V(last frame) to
+            // the reward, so cutting an episode short does not read as its end.
+            let mut bootstrap = vec![0f32; n];
+            let cut: Vec<usize> = (0..n).filter(|&i| env.final_frame(i).is_some()).collect();
+            if !cut.is_empty() {
+                let frames: Vec<u8> = cut
+                    .iter()
+                    .flat_map(|&i| env.final_frame(i).expect("checked").iter().copied())
+                    .collect();
+                for (&i, v) in cut.iter().zip(self.values(&frames, cut.len())) {
+                    bootstrap[i] = self.config.gamma * v;
+                }
+            }
             for (i, s) in result.iter().enumerate() {
-                rewards.push(s.reward);
+                rewards.push(s.reward + bootstrap[i]);
                 dones.push(s.done());
                 tracker.returns[i] += s.reward;
                 tracker.lengths[i] += 1;
@@ -480,6 +496,8 @@ impl<B: AutodiffBackend> Ppo<B> {
             self.config.gamma,
             self.config.gae_lambda,
         );
+        // GAE with λ = 0 is the one-step TD error.
+        let (td_errors, _) = gae(&rewards, &values, &dones, &last, self.config.gamma, 0.0);
         let actions = match self.space {
             ActionSpace::Discrete { .. } => ActionBuf::Discrete(discrete),
             ActionSpace::Continuous { dim, .. } => ActionBuf::Continuous {
@@ -499,6 +517,7 @@ impl<B: AutodiffBackend> Ppo<B> {
             dones,
             advantages,
             returns,
+            td_errors,
             episodes,
         })
     }
