@@ -16,6 +16,7 @@ pub mod flow;
 pub mod flow_dit;
 pub mod minilm;
 pub mod motion_loss;
+pub mod reward;
 pub mod train;
 
 use std::path::PathBuf;
