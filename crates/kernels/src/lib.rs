@@ -624,26 +624,41 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
     }
 }
 
+/// Runs `f` on `parts` when they are `FP` (the same types on the fused backend: the
+/// caller's backend is that backend), giving the result back as `O`; gives `parts` back
+/// otherwise.
+fn on_parts<P: 'static, FP: 'static, O: 'static, FO: 'static>(
+    parts: P,
+    f: impl FnOnce(FP) -> FO,
+) -> Result<O, P> {
+    let any: Box<dyn Any> = Box::new(parts);
+    match any.downcast::<FP>() {
+        Ok(t) => {
+            let back: Box<dyn Any> = Box::new(f(*t));
+            Ok(*back
+                .downcast::<O>()
+                .expect("B is F, so their tensors are one type"))
+        }
+        Err(any) => Err(*any
+            .downcast::<P>()
+            .expect("the box holds what it was given")),
+    }
+}
+
+fn float<F: Backend, const D: usize>(t: Tensor<F, D>) -> FloatTensor<F> {
+    t.into_primitive().tensor()
+}
+
+fn tensor<F: Backend, const D: usize>(p: FloatTensor<F>) -> Tensor<F, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
 /// Runs `f` on `x` as a `Tensor<F, D>` when `B` is `F`; gives `x` back otherwise.
 fn on<B: Backend, F: FusedBackend, const D: usize>(
     x: Tensor<B, D>,
     f: impl FnOnce(FloatTensor<F>) -> FloatTensor<F>,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
-    let any: Box<dyn Any> = Box::new(x);
-    match any.downcast::<Tensor<F, D>>() {
-        Ok(t) => {
-            let y = Tensor::<F, D>::from_primitive(TensorPrimitive::Float(f(t
-                .into_primitive()
-                .tensor())));
-            let back: Box<dyn Any> = Box::new(y);
-            Ok(*back
-                .downcast::<Tensor<B, D>>()
-                .expect("B is F, so their tensors are one type"))
-        }
-        Err(any) => Err(*any
-            .downcast::<Tensor<B, D>>()
-            .expect("the box holds the tensor it was given")),
-    }
+    on_parts::<_, Tensor<F, D>, _, Tensor<F, D>>(x, |t| tensor(f(float(t))))
 }
 
 /// Which path [`unary`] and [`softmax`] take on backend `B`.
@@ -865,25 +880,9 @@ fn on3<B: Backend, F: FusedBackend>(
     parts: Three<B>,
     f: impl FnOnce(FloatTensor<F>, FloatTensor<F>, FloatTensor<F>) -> FloatTensor<F>,
 ) -> Result<Tensor<B, 3>, Three<B>> {
-    let any: Box<dyn Any> = Box::new(parts);
-    match any.downcast::<Three<F>>() {
-        Ok(t) => {
-            let (a, b, c) = *t;
-            let prim = |t: Tensor<F, 3>| t.into_primitive().tensor();
-            let y = Tensor::<F, 3>::from_primitive(TensorPrimitive::Float(f(
-                prim(a),
-                prim(b),
-                prim(c),
-            )));
-            let back: Box<dyn Any> = Box::new(y);
-            Ok(*back
-                .downcast::<Tensor<B, 3>>()
-                .expect("B is F, so their tensors are one type"))
-        }
-        Err(any) => Err(*any
-            .downcast::<Three<B>>()
-            .expect("the box holds the tensors it was given")),
-    }
+    on_parts::<_, Three<F>, _, Tensor<F, 3>>(parts, |(a, b, c)| {
+        tensor(f(float(a), float(b), float(c)))
+    })
 }
 
 /// 2-D convolution with stride 1, zero padding `[rows, cols]` and a bias: `x`
@@ -930,24 +929,9 @@ fn on_conv<B: Backend, F: FusedBackend>(
     parts: ConvParts<B>,
     f: impl FnOnce(FloatTensor<F>, FloatTensor<F>, FloatTensor<F>) -> FloatTensor<F>,
 ) -> Result<Tensor<B, 4>, ConvParts<B>> {
-    let any: Box<dyn Any> = Box::new(parts);
-    match any.downcast::<ConvParts<F>>() {
-        Ok(t) => {
-            let (x, w, b) = *t;
-            let y = Tensor::<F, 4>::from_primitive(TensorPrimitive::Float(f(
-                x.into_primitive().tensor(),
-                w.into_primitive().tensor(),
-                b.into_primitive().tensor(),
-            )));
-            let back: Box<dyn Any> = Box::new(y);
-            Ok(*back
-                .downcast::<Tensor<B, 4>>()
-                .expect("B is F, so their tensors are one type"))
-        }
-        Err(any) => Err(*any
-            .downcast::<ConvParts<B>>()
-            .expect("the box holds the tensors it was given")),
-    }
+    on_parts::<_, ConvParts<F>, _, Tensor<F, 4>>(parts, |(x, w, b)| {
+        tensor(f(float(x), float(w), float(b)))
+    })
 }
 
 /// 2-D max pooling of `[N, C, H, W]` (no dilation, floor mode): one pass that keeps the

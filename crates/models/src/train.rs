@@ -247,14 +247,26 @@ pub fn train<B: AutodiffBackend>(
 
 /// Drops logged steps after `step` (they are redone on resume).
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    truncate_log::<StepLog>(path, |e| e.step <= step).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Keeps the lines of a JSON-lines log that parse as `T` and pass `keep` (a resumed run
+/// redoes the rest). A missing log is left missing.
+pub fn truncate_log<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    keep: impl Fn(&T) -> bool,
+) -> std::io::Result<()> {
     let Ok(text) = fs::read_to_string(path) else {
         return Ok(());
     };
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
-            serde_json::from_str::<StepLog>(l)
-                .map(|e| e.step <= step)
+            serde_json::from_str::<T>(l)
+                .map(|e| keep(&e))
                 .unwrap_or(false)
         })
         .collect();
@@ -262,8 +274,5 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     if !out.is_empty() {
         out.push('\n');
     }
-    fs::write(path, out).map_err(|e| ModelError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })
+    fs::write(path, out)
 }

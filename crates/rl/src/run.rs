@@ -193,22 +193,7 @@ fn model_err(e: dws_models::ModelError) -> RlError {
 
 /// Drops logged updates after `iteration` (they are redone on resume).
 fn truncate_metrics(path: &Path, iteration: usize) -> Result<()> {
-    let Ok(text) = fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<IterLog>(l)
-                .map(|e| e.iteration <= iteration)
-                .unwrap_or(false)
-        })
-        .collect();
-    let mut out = kept.join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    fs::write(path, out).map_err(io(path))
+    dws_models::train::truncate_log::<IterLog>(path, |e| e.iteration <= iteration).map_err(io(path))
 }
 
 /// Mean return of the uniform-random policy over at least `episodes` episodes of `env`
