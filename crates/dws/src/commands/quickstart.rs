@@ -279,7 +279,9 @@ pub fn run(args: Args) -> Result<()> {
         "Drive the world simulator yourself, beside the real pushing task: `dws play --ckpt {}` and open the address it prints.",
         dws_run.display()
     );
-    println!("Not built yet: RL.");
+    println!(
+        "Train an agent in a real game: `dws ppo --env procgen:coinrun` (PPO; model-based RL in the world simulator is not built yet)."
+    );
     if !cfg!(feature = "atari") {
         println!(
             "Atari is left out of this build; add `--features atari` (needs cmake) to include it."
