@@ -212,12 +212,26 @@ pub fn gae(
     gamma: f32,
     lambda: f32,
 ) -> (Vec<f32>, Vec<f32>) {
+    let (adv, returns, _) = gae_and_td(rewards, values, dones, last_values, gamma, lambda);
+    (adv, returns)
+}
+
+/// [`gae`] and the one-step TD errors `r + γ V(s') − V(s)` it is built from.
+fn gae_and_td(
+    rewards: &[f32],
+    values: &[f32],
+    dones: &[bool],
+    last_values: &[f32],
+    gamma: f32,
+    lambda: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = last_values.len();
     let t_len = rewards.len() / n.max(1);
     assert_eq!(rewards.len(), t_len * n);
     assert_eq!(values.len(), rewards.len());
     assert_eq!(dones.len(), rewards.len());
     let mut adv = vec![0f32; rewards.len()];
+    let mut td = vec![0f32; rewards.len()];
     let mut running = vec![0f32; n];
     for t in (0..t_len).rev() {
         for i in 0..n {
@@ -231,10 +245,11 @@ pub fn gae(
             let delta = rewards[k] + gamma * next_value * live - values[k];
             running[i] = delta + gamma * lambda * live * running[i];
             adv[k] = running[i];
+            td[k] = delta;
         }
     }
     let returns = adv.iter().zip(values).map(|(a, v)| a + v).collect();
-    (adv, returns)
+    (adv, returns, td)
 }
 
 /// Running return and length of each env's current episode.
@@ -271,13 +286,6 @@ fn log_softmax_row(logits: &[f32]) -> Vec<f32> {
     let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
     let lse = max + sum.ln();
     logits.iter().map(|l| l - lse).collect()
-}
-
-fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
-    // Box-Muller.
-    let u1: f32 = rng.gen::<f32>().max(1e-12);
-    let u2: f32 = rng.gen();
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
 const HALF_LN_TAU: f32 = 0.918_938_5; // ½ ln 2π
@@ -385,12 +393,13 @@ impl<B: AutodiffBackend> Ppo<B> {
                     .convert::<f32>()
                     .into_vec::<f32>()
                     .expect("f32");
+                let noise = dws_models::flow::normal(&mut self.rng, n * dim);
                 let mut values_out = Vec::with_capacity(n * dim);
-                for mean in out.chunks_exact(dim) {
+                for (mean, zs) in out.chunks_exact(dim).zip(noise.chunks_exact(dim)) {
                     let mut lp = 0.0;
                     let mut clipped = Vec::with_capacity(dim);
                     for d in 0..dim {
-                        let z = standard_normal(&mut self.rng);
+                        let z = zs[d];
                         let a = mean[d] + log_std[d].exp() * z;
                         lp += -0.5 * z * z - log_std[d] - HALF_LN_TAU;
                         values_out.push(a);
@@ -446,9 +455,9 @@ impl<B: AutodiffBackend> Ppo<B> {
         let mut dones = Vec::with_capacity(steps * n);
         let mut episodes = Vec::new();
         for _ in 0..steps {
-            let frames = env.obs().to_vec();
-            let (actions, buf, lp, v) = self.act(&frames, n);
-            obs.extend_from_slice(&frames);
+            let at = obs.len();
+            obs.extend_from_slice(env.obs());
+            let (actions, buf, lp, v) = self.act(&obs[at..], n);
             match buf {
                 ActionBuf::Discrete(ids) => discrete.extend(ids),
                 ActionBuf::Continuous { values, .. } => continuous.extend(values),
@@ -488,7 +497,7 @@ impl<B: AutodiffBackend> Ppo<B> {
             }
         }
         let last = self.values(env.obs(), n);
-        let (advantages, returns) = gae(
+        let (advantages, returns, td_errors) = gae_and_td(
             &rewards,
             &values,
             &dones,
@@ -496,8 +505,6 @@ impl<B: AutodiffBackend> Ppo<B> {
             self.config.gamma,
             self.config.gae_lambda,
         );
-        // GAE with λ = 0 is the one-step TD error.
-        let (td_errors, _) = gae(&rewards, &values, &dones, &last, self.config.gamma, 0.0);
         let actions = match self.space {
             ActionSpace::Discrete { .. } => ActionBuf::Discrete(discrete),
             ActionSpace::Continuous { dim, .. } => ActionBuf::Continuous {

@@ -95,15 +95,15 @@ fn make_vec_env(config: &EnvConfig, n: usize) -> Result<SyncVecEnv> {
 }
 
 fn resolve(args: &PpoArgs) -> Result<PpoRunConfig> {
+    let opts = dws_envs::config::parse_options(&args.env_opts).map_err(anyhow::Error::msg)?;
+    let env = EnvConfig::parse(&args.env, &opts)?;
     let path = args.out.join("config.json");
     if args.resume && path.is_file() {
         let text =
             fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let mut stored: PpoRunConfig = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a dws ppo config", path.display()))?;
-        let opts = dws_envs::config::parse_options(&args.env_opts).map_err(anyhow::Error::msg)?;
-        let asked = EnvConfig::parse(&args.env, &opts)?;
-        if asked != stored.env {
+        if env != stored.env {
             bail!(
                 "{} was trained on {} with other options; resume with the same --env and --env-opts",
                 args.out.display(),
@@ -113,8 +113,6 @@ fn resolve(args: &PpoArgs) -> Result<PpoRunConfig> {
         stored.steps = args.steps;
         return Ok(stored);
     }
-    let opts = dws_envs::config::parse_options(&args.env_opts).map_err(anyhow::Error::msg)?;
-    let env = EnvConfig::parse(&args.env, &opts)?;
     let mut ppo = PpoConfig::preset(&args.preset)?;
     if let Some(n) = args.num_envs {
         ppo.num_envs = n;
