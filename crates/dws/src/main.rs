@@ -41,6 +41,9 @@ enum Command {
     /// Train an agent with PPO in a real environment (learning curve beside the random
     /// policy's return).
     Ppo(commands::ppo::PpoArgs),
+    /// Model-based RL: PPO on real and imagined rollouts of a DWS world simulator
+    /// fine-tuned as it goes, imagination started from prioritized (or uniform) states.
+    Mbrl(commands::mbrl::MbrlArgs),
     /// Score a model on held-out clips (PSNR, SSIM, LPIPS, FVD) beside the repeat-last-frame
     /// reference; writes metrics.json, plots, GIFs and an HTML report.
     Eval(commands::eval::EvalArgs),
@@ -100,6 +103,7 @@ fn main() {
         Command::Predict(a) => commands::predict::predict(a).map(|_| ()),
         Command::Play(a) => commands::play::play(a),
         Command::Ppo(a) => commands::ppo::ppo(a).map(|_| ()),
+        Command::Mbrl(a) => commands::mbrl::mbrl(a).map(|_| ()),
         Command::Eval(a) => commands::eval::eval(a).map(|_| ()),
         Command::Compare(a) => commands::eval::compare(a).map(|_| ()),
         Command::Metrics(c) => commands::metrics::run(c),

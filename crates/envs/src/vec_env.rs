@@ -19,6 +19,11 @@ pub trait VecEnv {
     fn final_frame(&self, _i: usize) -> Option<&[u8]> {
         None
     }
+    /// The frame env `i`'s episode ended at in the last step, terminated or truncated,
+    /// where the env has it (world models learn the transition into it).
+    fn end_frame(&self, _i: usize) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// Steps its envs one after another in the calling thread.
@@ -26,6 +31,8 @@ pub struct SyncVecEnv {
     envs: Vec<Box<dyn Env>>,
     obs: Vec<u8>,
     steps: Vec<Step>,
+    /// Frames the episodes that ended in the last step ended at, `[N, H, W, 3]`.
+    ends: Vec<u8>,
     frame_len: usize,
 }
 
@@ -46,6 +53,7 @@ impl SyncVecEnv {
             envs,
             obs: vec![0; n * h * w * c],
             steps: vec![Step::default(); n],
+            ends: vec![0; n * h * w * c],
             frame_len: h * w * c,
         })
     }
@@ -78,6 +86,8 @@ impl VecEnv for SyncVecEnv {
         for (i, action) in actions.iter().enumerate() {
             let step = self.envs[i].step(action)?;
             if step.done() {
+                let f = self.frame_len;
+                self.ends[i * f..(i + 1) * f].copy_from_slice(self.envs[i].obs());
                 self.envs[i].reset(None)?;
             }
             self.steps[i] = step;
@@ -88,6 +98,19 @@ impl VecEnv for SyncVecEnv {
 
     fn obs(&self) -> &[u8] {
         &self.obs
+    }
+
+    fn final_frame(&self, i: usize) -> Option<&[u8]> {
+        let s = self.steps.get(i)?;
+        (s.truncated && !s.terminated).then(|| self.end_frame(i))?
+    }
+
+    fn end_frame(&self, i: usize) -> Option<&[u8]> {
+        let f = self.frame_len;
+        self.steps
+            .get(i)?
+            .done()
+            .then(|| &self.ends[i * f..(i + 1) * f])
     }
 }
 
@@ -114,7 +137,22 @@ mod tests {
         let a = vec![Action::Continuous(vec![0.5, 0.5]); 3];
         let mut dones = 0;
         for _ in 0..12 {
-            dones += venv.step(&a).unwrap().iter().filter(|s| s.done()).count();
+            let step = single.step(&a[1]).unwrap();
+            let last = single.obs().to_vec();
+            if step.done() {
+                single.reset(None).unwrap();
+            }
+            let steps = venv.step(&a).unwrap().to_vec();
+            dones += steps.iter().filter(|s| s.done()).count();
+            assert_eq!(steps[1], step);
+            // An ended episode keeps its last frame; a running one shows none.
+            if step.done() {
+                assert_eq!(venv.end_frame(1), Some(&last[..]));
+                assert_eq!(venv.final_frame(1).is_some(), step.truncated);
+            } else {
+                assert_eq!(venv.end_frame(1), None);
+            }
+            assert_eq!(&venv.obs()[frame..2 * frame], single.obs());
         }
         // 12 steps of 5-step episodes: two episode ends per env.
         assert_eq!(dones, 6);

@@ -3,7 +3,8 @@
 //! - [`WorldModel`] is what the imagined env needs from a simulator: next frames, rewards
 //!   and episode ends for a batch of frame histories and actions. The DWS video model
 //!   with its reward/termination head implements it; tests use doubles.
-//! - [`StartBuffer`] holds real states (each as the `context` frames ending at it) that
+//! - [`StartBuffer`] holds real states (each as the `context` frames ending at it and the
+//!   actions taken between them) that
 //!   imagination may start from, drawn with probability ∝ priority through a
 //!   [`SumTree`] (prioritized imagination: priority `(|δ| + ε)^α` from the critic's
 //!   latest TD error δ at that state, new states at the current maximum) or uniformly.
@@ -14,7 +15,7 @@
 
 use crate::{Result, RlError};
 use dws_data::SumTree;
-use dws_envs::{Action, EnvSpec, Step, VecEnv};
+use dws_envs::{Action, ActionSpace, EnvSpec, Step, VecEnv};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -35,9 +36,35 @@ pub trait WorldModel {
     fn spec(&self) -> &EnvSpec;
     /// Frames of history each step is conditioned on.
     fn context(&self) -> usize;
-    /// Next frames, rewards and ends for `history` `[N, context, H, W, 3]` and one
-    /// action per row.
-    fn step(&mut self, history: &[u8], actions: &[Action]) -> Result<Imagined>;
+    /// Next frames, rewards and ends for `history` `[N, context, H, W, 3]` (oldest frame
+    /// first) and `actions` `[N, context, width]` (see [`action_width`]): the action
+    /// taken after each history frame, the last one being the action of this step.
+    fn step(&mut self, history: &[u8], actions: &[f32]) -> Result<Imagined>;
+}
+
+/// Floats per action in flat action arrays: 1 (the id) for discrete actions, the
+/// dimension for continuous ones.
+pub fn action_width(space: &ActionSpace) -> usize {
+    match space {
+        ActionSpace::Discrete { .. } => 1,
+        ActionSpace::Continuous { dim, .. } => *dim,
+    }
+}
+
+/// Appends an action to a flat action array.
+pub fn push_action(a: &Action, out: &mut Vec<f32>) {
+    match a {
+        Action::Discrete(id) => out.push(*id as f32),
+        Action::Continuous(v) => out.extend_from_slice(v),
+    }
+}
+
+/// The action a row of a flat action array holds.
+pub fn row_action(space: &ActionSpace, row: &[f32]) -> Action {
+    match space {
+        ActionSpace::Discrete { .. } => Action::Discrete(row[0] as u32),
+        ActionSpace::Continuous { .. } => Action::Continuous(row.to_vec()),
+    }
 }
 
 /// How imagination picks its start states.
@@ -67,8 +94,11 @@ pub struct StartBuffer {
     capacity: usize,
     context: usize,
     frame_len: usize,
+    width: usize,
     /// `[capacity, context, H, W, 3]`.
     histories: Vec<u8>,
+    /// `[capacity, context - 1, width]`: the actions between the history frames.
+    actions: Vec<f32>,
     len: usize,
     next: usize,
     tree: SumTree,
@@ -78,22 +108,26 @@ pub struct StartBuffer {
 }
 
 impl StartBuffer {
-    /// `alpha` sharpens priorities (0: uniform, 1: proportional); `eps` keeps every
-    /// stored state reachable.
+    /// States of `context` frames of `frame_len` bytes, with actions of `width` floats
+    /// ([`action_width`]). `alpha` sharpens priorities (0: uniform, 1: proportional);
+    /// `eps` keeps every stored state reachable.
     pub fn new(
         mode: Starts,
         capacity: usize,
         context: usize,
         frame_len: usize,
+        width: usize,
         alpha: f64,
     ) -> Self {
-        assert!(capacity > 0 && context > 0 && frame_len > 0);
+        assert!(capacity > 0 && context > 0 && frame_len > 0 && width > 0);
         Self {
             mode,
             capacity,
             context,
             frame_len,
+            width,
             histories: vec![0; capacity * context * frame_len],
+            actions: vec![0.0; capacity * (context - 1) * width],
             len: 0,
             next: 0,
             tree: SumTree::new(capacity),
@@ -119,13 +153,17 @@ impl StartBuffer {
         self.context
     }
 
-    /// Stores a state (its `context` frames, oldest first) at the current maximum
-    /// priority, overwriting the oldest when full. Returns its slot.
-    pub fn push(&mut self, history: &[u8]) -> usize {
+    /// Stores a state (its `context` frames, oldest first, and the `context - 1`
+    /// actions between them) at the current maximum priority, overwriting the oldest
+    /// when full. Returns its slot.
+    pub fn push(&mut self, history: &[u8], actions: &[f32]) -> usize {
         let h = self.context * self.frame_len;
+        let a = (self.context - 1) * self.width;
         assert_eq!(history.len(), h, "a start state is `context` frames");
+        assert_eq!(actions.len(), a, "a start state has `context - 1` actions");
         let i = self.next;
         self.histories[i * h..(i + 1) * h].copy_from_slice(history);
+        self.actions[i * a..(i + 1) * a].copy_from_slice(actions);
         self.tree.set(i, self.max_priority);
         self.next = (self.next + 1) % self.capacity;
         self.len = (self.len + 1).min(self.capacity);
@@ -136,6 +174,12 @@ impl StartBuffer {
     pub fn history(&self, i: usize) -> &[u8] {
         let h = self.context * self.frame_len;
         &self.histories[i * h..(i + 1) * h]
+    }
+
+    /// The actions between the frames of slot `i`, `[context - 1, width]`.
+    pub fn actions(&self, i: usize) -> &[f32] {
+        let a = (self.context - 1) * self.width;
+        &self.actions[i * a..(i + 1) * a]
     }
 
     /// Draws a slot: by priority or uniformly, as the buffer's mode says.
@@ -175,16 +219,26 @@ impl StartBuffer {
             .flat_map(|i| self.tree.get(i).to_le_bytes())
             .collect();
         let h = self.context * self.frame_len;
+        let a = (self.context - 1) * self.width;
         let frames = &self.histories[..self.len * h];
+        let actions: Vec<u8> = self.actions[..self.len * a]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let meta = serde_json::json!({
             "mode": self.mode, "capacity": self.capacity, "context": self.context,
-            "frame_len": self.frame_len, "len": self.len, "next": self.next,
+            "frame_len": self.frame_len, "width": self.width, "len": self.len, "next": self.next,
             "max_priority": self.max_priority, "alpha": self.alpha, "eps": self.eps,
         });
         let views = [
             (
                 "histories",
                 TensorView::new(Dtype::U8, vec![self.len, h], frames)
+                    .map_err(|e| RlError::Io(e.to_string()))?,
+            ),
+            (
+                "actions",
+                TensorView::new(Dtype::F32, vec![self.len, a], &actions)
                     .map_err(|e| RlError::Io(e.to_string()))?,
             ),
             (
@@ -196,15 +250,7 @@ impl StartBuffer {
         let info = std::collections::HashMap::from([("buffer".to_string(), meta.to_string())]);
         let bytes = safetensors::serialize(views, &Some(info))
             .map_err(|e| RlError::Io(format!("{}: {e}", path.display())))?;
-        let tmp = path.with_extension("tmp");
-        let io = |e: std::io::Error| RlError::Io(format!("{}: {e}", path.display()));
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, path).map_err(io)
+        crate::write_atomic(path, &bytes)
     }
 
     /// Reads a buffer written by [`StartBuffer::save`].
@@ -221,10 +267,11 @@ impl StartBuffer {
             .ok_or_else(|| bad("no start-buffer metadata".into()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let field = |k: &str| meta[k].as_u64().map(|v| v as usize);
-        let (Some(capacity), Some(context), Some(frame_len), Some(len), Some(next)) = (
+        let (Some(capacity), Some(context), Some(frame_len), Some(width), Some(len), Some(next)) = (
             field("capacity"),
             field("context"),
             field("frame_len"),
+            field("width"),
             field("len"),
             field("next"),
         ) else {
@@ -233,20 +280,29 @@ impl StartBuffer {
         let mode: Starts =
             serde_json::from_value(meta["mode"].clone()).map_err(|e| bad(format!("mode: {e}")))?;
         let alpha = meta["alpha"].as_f64().unwrap_or(1.0);
-        let mut buf = Self::new(mode, capacity, context, frame_len, alpha);
+        if capacity == 0 || context == 0 || frame_len == 0 || width == 0 {
+            return Err(bad("zero sizes in the start-buffer metadata".into()));
+        }
+        let mut buf = Self::new(mode, capacity, context, frame_len, width, alpha);
         buf.eps = meta["eps"].as_f64().unwrap_or(buf.eps);
         buf.max_priority = meta["max_priority"].as_f64().unwrap_or(1.0);
         let h = context * frame_len;
+        let a = (context - 1) * width;
         let frames = st.tensor("histories").map_err(|e| bad(e.to_string()))?;
+        let actions = st.tensor("actions").map_err(|e| bad(e.to_string()))?;
         let prio = st.tensor("priorities").map_err(|e| bad(e.to_string()))?;
         if len > capacity
-            || next >= capacity.max(1)
+            || next >= capacity
             || frames.data().len() != len * h
+            || actions.data().len() != len * a * 4
             || prio.data().len() != len * 8
         {
             return Err(bad("sizes do not match the metadata".into()));
         }
         buf.histories[..len * h].copy_from_slice(frames.data());
+        for (dst, v) in buf.actions.iter_mut().zip(actions.data().chunks_exact(4)) {
+            *dst = f32::from_le_bytes(v.try_into().expect("4 bytes"));
+        }
         for (i, p) in prio.data().chunks_exact(8).enumerate() {
             let p = f64::from_le_bytes(p.try_into().expect("8 bytes"));
             if !(p.is_finite() && p >= 0.0) {
@@ -278,8 +334,12 @@ pub struct ImaginedVecEnv<'a> {
     horizon: usize,
     frame_len: usize,
     context: usize,
+    width: usize,
     /// `[N, context, H, W, 3]`.
     history: Vec<u8>,
+    /// `[N, context, width]`: the actions after each history frame (the last row is
+    /// filled by each step).
+    actions: Vec<f32>,
     obs: Vec<u8>,
     steps: Vec<Step>,
     /// Last frames of trajectories truncated in the last step, `[N, H, W, 3]`.
@@ -302,11 +362,14 @@ impl<'a> ImaginedVecEnv<'a> {
         let spec = model.spec().clone();
         let [h, w, c] = spec.frame_shape;
         let context = model.context();
-        if starts.context != context || starts.frame_len != h * w * c {
+        let width = action_width(&spec.action_space);
+        if starts.context != context || starts.frame_len != h * w * c || starts.width != width {
             return Err(RlError::Config(format!(
-                "the start buffer holds {} frames of {} bytes; the model takes {context} of {}",
+                "the start buffer holds {} frames of {} bytes and actions of {}; the model takes \
+                 {context} of {} and actions of {width}",
                 starts.context,
                 starts.frame_len,
+                starts.width,
                 h * w * c
             )));
         }
@@ -329,7 +392,9 @@ impl<'a> ImaginedVecEnv<'a> {
             horizon,
             frame_len,
             context,
+            width,
             history: vec![0; n * context * frame_len],
+            actions: vec![0.0; n * context * width],
             obs: vec![0; n * frame_len],
             steps: vec![Step::default(); n],
             finals: vec![0; n * frame_len],
@@ -347,6 +412,9 @@ impl<'a> ImaginedVecEnv<'a> {
             .expect("the buffer is not empty");
         let hl = self.context * self.frame_len;
         self.history[i * hl..(i + 1) * hl].copy_from_slice(self.starts.history(slot));
+        let al = self.context * self.width;
+        let past = self.starts.actions(slot);
+        self.actions[i * al..i * al + past.len()].copy_from_slice(past);
         let last = &self.starts.history(slot)[hl - self.frame_len..];
         self.obs[i * self.frame_len..(i + 1) * self.frame_len].copy_from_slice(last);
         self.age[i] = 0;
@@ -384,9 +452,23 @@ impl VecEnv for ImaginedVecEnv<'_> {
 
     fn step(&mut self, actions: &[Action]) -> dws_envs::Result<&[Step]> {
         assert_eq!(actions.len(), self.n, "one action per imagined env");
+        let (al, w) = (self.context * self.width, self.width);
+        let mut now = Vec::with_capacity(w);
+        for (i, a) in actions.iter().enumerate() {
+            now.clear();
+            push_action(a, &mut now);
+            if now.len() != w {
+                return Err(dws_envs::EnvError::InvalidAction {
+                    id: self.spec.id.clone(),
+                    action: a.clone(),
+                    space: self.spec.action_space.to_string(),
+                });
+            }
+            self.actions[(i + 1) * al - w..(i + 1) * al].copy_from_slice(&now);
+        }
         let out = self
             .model
-            .step(&self.history, actions)
+            .step(&self.history, &self.actions)
             .map_err(|e| dws_envs::EnvError::Library(format!("world model: {e}")))?;
         let f = self.frame_len;
         if out.frames.len() != self.n * f
@@ -415,6 +497,7 @@ impl VecEnv for ImaginedVecEnv<'_> {
             } else {
                 let hist = &mut self.history[i * hl..(i + 1) * hl];
                 hist.copy_within(f.., 0);
+                self.actions[i * al..(i + 1) * al].copy_within(w.., 0);
                 hist[hl - f..].copy_from_slice(&out.frames[i * f..(i + 1) * f]);
                 self.obs[i * f..(i + 1) * f].copy_from_slice(&out.frames[i * f..(i + 1) * f]);
             }

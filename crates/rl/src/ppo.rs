@@ -176,8 +176,16 @@ pub struct Rollout {
     pub actions: ActionBuf,
     pub logprobs: Vec<f32>,
     pub values: Vec<f32>,
+    /// Rewards learned from: the env's, plus γ·V(last frame) where an episode was cut
+    /// short (see [`Ppo::collect`]).
     pub rewards: Vec<f32>,
+    /// The env's own rewards.
+    pub env_rewards: Vec<f32>,
     pub dones: Vec<bool>,
+    /// Episode ends that were terminations (a subset of `dones`).
+    pub terminated: Vec<bool>,
+    /// The frames episodes ended at, by flat index, where the env kept them.
+    pub end_frames: Vec<(usize, Vec<u8>)>,
     pub advantages: Vec<f32>,
     pub returns: Vec<f32>,
     /// One-step TD errors `r + γ V(s') − V(s)` under the critic that collected it.
@@ -452,7 +460,10 @@ impl<B: AutodiffBackend> Ppo<B> {
         let mut logprobs = Vec::with_capacity(steps * n);
         let mut values = Vec::with_capacity(steps * n);
         let mut rewards = Vec::with_capacity(steps * n);
+        let mut env_rewards = Vec::with_capacity(steps * n);
         let mut dones = Vec::with_capacity(steps * n);
+        let mut terminated = Vec::with_capacity(steps * n);
+        let mut end_frames = Vec::new();
         let mut episodes = Vec::new();
         for _ in 0..steps {
             let at = obs.len();
@@ -482,8 +493,13 @@ impl<B: AutodiffBackend> Ppo<B> {
                 }
             }
             for (i, s) in result.iter().enumerate() {
+                if let Some(f) = env.end_frame(i) {
+                    end_frames.push((rewards.len(), f.to_vec()));
+                }
                 rewards.push(s.reward + bootstrap[i]);
+                env_rewards.push(s.reward);
                 dones.push(s.done());
+                terminated.push(s.terminated);
                 tracker.returns[i] += s.reward;
                 tracker.lengths[i] += 1;
                 if s.done() {
@@ -521,7 +537,10 @@ impl<B: AutodiffBackend> Ppo<B> {
             logprobs,
             values,
             rewards,
+            env_rewards,
             dones,
+            terminated,
+            end_frames,
             advantages,
             returns,
             td_errors,

@@ -179,7 +179,7 @@ pub fn train<B: AutodiffBackend>(
 }
 
 /// Seed of the envs when a run (re)starts at update `iteration`.
-fn env_seed(seed: u64, iteration: usize) -> u64 {
+pub fn env_seed(seed: u64, iteration: usize) -> u64 {
     // Procgen takes 31-bit seeds.
     (seed
         .wrapping_mul(1_000_003)
@@ -187,7 +187,7 @@ fn env_seed(seed: u64, iteration: usize) -> u64 {
         & 0x3FFF_FFFF
 }
 
-fn model_err(e: dws_models::ModelError) -> RlError {
+pub(crate) fn model_err(e: dws_models::ModelError) -> RlError {
     RlError::Io(e.to_string())
 }
 
@@ -199,17 +199,30 @@ fn truncate_metrics(path: &Path, iteration: usize) -> Result<()> {
 /// Mean return of the uniform-random policy over at least `episodes` episodes of `env`
 /// (all envs run until enough have ended), seeded with `seed`.
 pub fn random_baseline(env: &mut dyn VecEnv, episodes: usize, seed: u64) -> Result<Baseline> {
-    let n = env.num_envs();
-    env.reset(seed).map_err(|e| RlError::Env(e.to_string()))?;
     let space = env.spec().action_space.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut policy = |_: &[u8], n: usize| (0..n).map(|_| sample_action(&space, &mut rng)).collect();
+    episode_returns(env, episodes, seed, "uniform random", &mut policy)
+}
+
+/// Returns of `policy` (frames `[N, H, W, 3]` → one action per env) over the first
+/// `episodes` episodes to end in `env`, reset with `seed`.
+pub fn episode_returns(
+    env: &mut dyn VecEnv,
+    episodes: usize,
+    seed: u64,
+    name: &str,
+    policy: &mut dyn FnMut(&[u8], usize) -> Vec<dws_envs::Action>,
+) -> Result<Baseline> {
+    let n = env.num_envs();
+    env.reset(seed).map_err(|e| RlError::Env(e.to_string()))?;
     let mut running = vec![(0f32, 0usize); n];
     let mut ended: Vec<(f32, usize)> = Vec::new();
     // Count only the first `episodes` to end, in a fixed order, so the result does not
     // favour short episodes more than the policy itself does.
     let mut steps = 0u64;
-    while ended.len() < episodes {
-        let actions: Vec<_> = (0..n).map(|_| sample_action(&space, &mut rng)).collect();
+    while ended.len() < episodes.max(1) {
+        let actions = policy(env.obs(), n);
         let result = env
             .step(&actions)
             .map_err(|e| RlError::Env(e.to_string()))?;
@@ -223,17 +236,17 @@ pub fn random_baseline(env: &mut dyn VecEnv, episodes: usize, seed: u64) -> Resu
         }
         steps += n as u64;
         if steps > 50_000_000 {
-            return Err(RlError::Env(
-                "the random policy finished too few episodes in 50M steps".into(),
-            ));
+            return Err(RlError::Env(format!(
+                "the {name} policy finished too few episodes in 50M steps"
+            )));
         }
     }
-    ended.truncate(episodes);
+    ended.truncate(episodes.max(1));
     let k = ended.len() as f32;
     let mean = ended.iter().map(|e| e.0).sum::<f32>() / k;
     let var = ended.iter().map(|e| (e.0 - mean).powi(2)).sum::<f32>() / k;
     Ok(Baseline {
-        policy: "uniform random".into(),
+        policy: name.into(),
         episodes: ended.len(),
         mean_return: mean,
         std_return: var.sqrt(),

@@ -20,6 +20,8 @@ struct Counter {
     context: usize,
     /// Every history it was asked about, as counters.
     seen: Vec<Vec<u8>>,
+    /// The actions it was given with each.
+    seen_actions: Vec<Vec<f32>>,
     end_at: u8,
 }
 
@@ -35,6 +37,7 @@ impl Counter {
             },
             context,
             seen: Vec::new(),
+            seen_actions: Vec::new(),
             end_at,
         }
     }
@@ -47,18 +50,17 @@ impl WorldModel for Counter {
     fn context(&self) -> usize {
         self.context
     }
-    fn step(&mut self, history: &[u8], actions: &[Action]) -> Result<Imagined> {
+    fn step(&mut self, history: &[u8], actions: &[f32]) -> Result<Imagined> {
         let mut out = Imagined::default();
-        for (i, a) in actions.iter().enumerate() {
+        for (i, acts) in actions.chunks(self.context).enumerate() {
             let h = &history[i * self.context * F..(i + 1) * self.context * F];
             self.seen.push(h.chunks(F).map(|f| f[0]).collect());
+            self.seen_actions.push(acts.to_vec());
             let last = h[h.len() - 1];
-            let Action::Discrete(a) = a else {
-                panic!("discrete")
-            };
-            let next = last.saturating_add(*a as u8);
+            let a = acts[self.context - 1];
+            let next = last.saturating_add(a as u8);
             out.frames.extend(frame(next));
-            out.rewards.push(*a as f32);
+            out.rewards.push(a);
             out.terminated.push(next >= self.end_at);
         }
         Ok(out)
@@ -66,9 +68,10 @@ impl WorldModel for Counter {
 }
 
 fn buffer(mode: Starts, starts: &[u8]) -> StartBuffer {
-    let mut b = StartBuffer::new(mode, 16, 2, F, 1.0);
+    let mut b = StartBuffer::new(mode, 16, 2, F, 1, 1.0);
     for &v in starts {
-        b.push(&[frame(v.saturating_sub(1)), frame(v)].concat());
+        // The action between the two frames: the step from v - 1 to v (action 1).
+        b.push(&[frame(v.saturating_sub(1)), frame(v)].concat(), &[1.0]);
     }
     b
 }
@@ -95,11 +98,18 @@ fn imagined_steps_shift_the_history_truncate_at_the_horizon_and_restart() {
     assert_eq!(env.final_frame(1).unwrap()[0], 13);
     assert_eq!((env.obs()[0], env.obs()[F]), (10, 10));
     drop(env);
-    // The model saw each history with the newest frame last.
+    // The model saw each history with the newest frame last, and the actions after
+    // each of its frames: the start's own, then the ones taken.
     assert_eq!(model.seen[0], vec![9, 10]);
     assert_eq!(model.seen[2], vec![10, 11]);
     assert_eq!(model.seen[4], vec![11, 12]);
     assert_eq!(model.seen[5], vec![12, 12]);
+    assert_eq!(model.seen_actions[0], vec![1.0, 1.0]);
+    assert_eq!(model.seen_actions[1], vec![1.0, 2.0]);
+    assert_eq!(model.seen_actions[2], vec![1.0, 1.0]);
+    assert_eq!(model.seen_actions[3], vec![2.0, 0.0]);
+    assert_eq!(model.seen_actions[4], vec![1.0, 2.0]);
+    assert_eq!(model.seen_actions[5], vec![0.0, 1.0]);
 }
 
 #[test]
@@ -148,7 +158,7 @@ fn prioritized_starts_follow_td_errors_and_new_states_enter_at_the_maximum() {
         assert!((got - want).abs() < 0.01, "slot {i}: {got} vs {want}");
     }
     // A new state gets the largest priority seen so far.
-    let i = b.push(&[frame(7), frame(8)].concat());
+    let i = b.push(&[frame(7), frame(8)].concat(), &[1.0]);
     assert_eq!(i, 4);
     assert!((b.priority(4) - (6.0 + eps)).abs() < 1e-12);
     // Uniform mode ignores priorities.
@@ -167,9 +177,9 @@ fn prioritized_starts_follow_td_errors_and_new_states_enter_at_the_maximum() {
 #[test]
 fn the_start_buffer_survives_a_save_and_load_and_damage_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let mut b = StartBuffer::new(Starts::Prioritized, 3, 2, F, 0.6);
+    let mut b = StartBuffer::new(Starts::Prioritized, 3, 2, F, 1, 0.6);
     for v in [5u8, 6, 7, 8] {
-        b.push(&[frame(v), frame(v + 1)].concat());
+        b.push(&[frame(v), frame(v + 1)].concat(), &[v as f32]);
     }
     b.update(1, 2.5);
     let path = dir.path().join("starts.safetensors");
@@ -178,11 +188,12 @@ fn the_start_buffer_survives_a_save_and_load_and_damage_is_named() {
     assert_eq!(c.len(), 3);
     for i in 0..3 {
         assert_eq!(c.history(i), b.history(i));
+        assert_eq!(c.actions(i), b.actions(i));
         assert_eq!(c.priority(i), b.priority(i));
     }
     // The ring continues where it was: the next push overwrites slot 1.
     let mut c = c;
-    assert_eq!(c.push(&[frame(1), frame(2)].concat()), 1);
+    assert_eq!(c.push(&[frame(1), frame(2)].concat(), &[0.0]), 1);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&path, bytes).unwrap();

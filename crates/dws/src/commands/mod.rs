@@ -6,6 +6,7 @@ pub mod dataset;
 pub mod envs;
 pub mod eval;
 pub mod import;
+pub mod mbrl;
 pub mod metrics;
 pub mod play;
 pub mod ppo;

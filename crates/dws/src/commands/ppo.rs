@@ -86,7 +86,7 @@ pub struct PpoSummary {
     pub seconds: f64,
 }
 
-fn make_vec_env(config: &EnvConfig, n: usize) -> Result<SyncVecEnv> {
+pub(crate) fn make_vec_env(config: &EnvConfig, n: usize) -> Result<SyncVecEnv> {
     let envs = (0..n)
         .map(|_| make(config))
         .collect::<Result<Vec<_>, _>>()
@@ -152,21 +152,13 @@ impl Job for PpoJob {
         if h != w {
             bail!("{}: PPO here takes square frames, got {h}×{w}", spec.id);
         }
-        let baseline_path = out.join("baseline.json");
-        let baseline: Option<Baseline> = if baseline_path.is_file() {
-            serde_json::from_str(&fs::read_to_string(&baseline_path)?).ok()
-        } else if args.baseline_episodes > 0 {
-            let mut benv = make_vec_env(&config.env, config.ppo.num_envs)?;
-            let b = run::random_baseline(&mut benv, args.baseline_episodes, config.seed ^ 0x5eed)?;
-            fs::write(&baseline_path, serde_json::to_string_pretty(&b)?)?;
-            println!(
-                "random policy on {}: mean return {:.2} ± {:.2} over {} episodes (mean length {:.0})",
-                spec.id, b.mean_return, b.std_return, b.episodes, b.mean_length
-            );
-            Some(b)
-        } else {
-            None
-        };
+        let baseline = baseline(
+            out,
+            &config.env,
+            config.ppo.num_envs,
+            args.baseline_episodes,
+            config.seed,
+        )?;
         let mut ppo = Ppo::<B>::new(
             config.ppo.clone(),
             spec.action_space.clone(),
@@ -224,14 +216,15 @@ impl Job for PpoJob {
             },
         )?;
         bar.finish_and_clear();
-        let logs = read_logs(&out.join("metrics.jsonl"))?;
+        let logs: Vec<IterLog> = read_jsonl(&out.join("metrics.jsonl"))?;
         let summary = summarize(
             &spec.id,
             &logs,
             baseline.as_ref(),
             started.elapsed().as_secs_f64(),
         );
-        write_plot(&out.join("returns.png"), &logs, baseline.as_ref())?;
+        let returns: Vec<_> = logs.iter().map(|l| l.episode_return).collect();
+        write_plot(&out.join("returns.png"), &returns, baseline.as_ref())?;
         fs::write(
             out.join("summary.json"),
             serde_json::to_string_pretty(&summary)?,
@@ -255,32 +248,75 @@ impl Job for PpoJob {
     }
 }
 
-fn read_logs(path: &Path) -> Result<Vec<IterLog>> {
+/// The random policy's returns on the env, measured once per run directory
+/// (`baseline.json`); `None` with 0 episodes.
+pub(crate) fn baseline(
+    out: &Path,
+    env: &EnvConfig,
+    num_envs: usize,
+    episodes: usize,
+    seed: u64,
+) -> Result<Option<Baseline>> {
+    let path = out.join("baseline.json");
+    if path.is_file() {
+        return Ok(serde_json::from_str(&fs::read_to_string(&path)?).ok());
+    }
+    if episodes == 0 {
+        return Ok(None);
+    }
+    let mut benv = make_vec_env(env, num_envs)?;
+    let b = run::random_baseline(&mut benv, episodes, seed ^ 0x5eed)?;
+    fs::write(&path, serde_json::to_string_pretty(&b)?)?;
+    println!(
+        "random policy on {}: mean return {:.2} ± {:.2} over {} episodes (mean length {:.0})",
+        env.id(),
+        b.mean_return,
+        b.std_return,
+        b.episodes,
+        b.mean_length
+    );
+    Ok(Some(b))
+}
+
+pub(crate) fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .map(|l| serde_json::from_str(l).with_context(|| format!("bad line in {}", path.display())))
         .collect()
 }
 
-/// Episode-weighted mean return over a range of updates.
-fn mean_return(logs: &[IterLog]) -> Option<f32> {
-    let (sum, n) = logs
+/// Episode-weighted mean return over updates given as (mean return, episodes).
+pub(crate) fn mean_return(updates: &[(Option<f32>, usize)]) -> Option<f32> {
+    let (sum, n) = updates
         .iter()
-        .fold((0.0f64, 0usize), |(s, n), l| match l.episode_return {
-            Some(r) => (s + r as f64 * l.episodes as f64, n + l.episodes),
+        .fold((0.0f64, 0usize), |(s, n), &(r, k)| match r {
+            Some(r) => (s + r as f64 * k as f64, n + k),
             None => (s, n),
         });
     (n > 0).then(|| (sum / n as f64) as f32)
 }
 
+/// Mean returns over the first and the last tenth of the updates.
+pub(crate) fn first_and_last(updates: &[(Option<f32>, usize)]) -> (Option<f32>, Option<f32>) {
+    let tenth = (updates.len() / 10).max(1).min(updates.len());
+    (
+        mean_return(&updates[..tenth]),
+        mean_return(&updates[updates.len() - tenth..]),
+    )
+}
+
 fn summarize(env: &str, logs: &[IterLog], baseline: Option<&Baseline>, seconds: f64) -> PpoSummary {
-    let tenth = (logs.len() / 10).max(1).min(logs.len());
+    let updates: Vec<_> = logs
+        .iter()
+        .map(|l| (l.episode_return, l.episodes))
+        .collect();
+    let (first_return, last_return) = first_and_last(&updates);
     PpoSummary {
         env: env.to_string(),
         env_steps: logs.last().map_or(0, |l| l.env_steps),
         updates: logs.len(),
-        first_return: mean_return(&logs[..tenth]),
-        last_return: mean_return(&logs[logs.len() - tenth..]),
+        first_return,
+        last_return,
         random_return: baseline.map(|b| b.mean_return),
         seconds,
     }
@@ -288,13 +324,17 @@ fn summarize(env: &str, logs: &[IterLog], baseline: Option<&Baseline>, seconds: 
 
 /// Mean return per update (carried over updates where no episode ended), smoothed over
 /// 5 updates, beside the random policy's.
-fn write_plot(path: &Path, logs: &[IterLog], baseline: Option<&Baseline>) -> Result<()> {
+pub(crate) fn write_plot(
+    path: &Path,
+    returns: &[Option<f32>],
+    baseline: Option<&Baseline>,
+) -> Result<()> {
     let mut last = baseline.map_or(0.0, |b| b.mean_return as f64);
-    let raw: Vec<f64> = logs
+    let raw: Vec<f64> = returns
         .iter()
-        .map(|l| {
-            if let Some(r) = l.episode_return {
-                last = r as f64;
+        .map(|r| {
+            if let Some(r) = r {
+                last = *r as f64;
             }
             last
         })
