@@ -240,7 +240,8 @@ impl<B: Backend> RewardModel<B> {
     }
 
     /// Squared reward error plus `done_weight` × the termination cross-entropy, and the
-    /// two parts separately (for logging).
+    /// two parts separately (for logging). With `weights` `[B]`, both are weighted means
+    /// over the batch (importance weights of a batch drawn other than uniformly).
     pub fn loss(
         &self,
         patches: Tensor<B, 3>,
@@ -248,13 +249,19 @@ impl<B: Backend> RewardModel<B> {
         rewards: Tensor<B, 1>,
         terminated: Tensor<B, 1>,
         done_weight: f32,
+        weights: Option<Tensor<B, 1>>,
     ) -> (Tensor<B, 1>, f32, f32) {
         let (r, logit) = self.forward(patches, actions);
-        let mse = (r - rewards).powf_scalar(2.0).mean();
+        let mean = |x: Tensor<B, 1>| match &weights {
+            Some(w) => (x * w.clone()).sum() / w.clone().sum(),
+            None => x.mean(),
+        };
+        let mse = mean((r - rewards).powf_scalar(2.0));
         // BCE with logits, stable form: max(z, 0) − z·y + log(1 + e^−|z|).
-        let bce = (logit.clone().clamp_min(0.0) - logit.clone() * terminated
-            + (logit.abs().neg().exp() + 1.0).log())
-        .mean();
+        let bce = mean(
+            logit.clone().clamp_min(0.0) - logit.clone() * terminated
+                + (logit.abs().neg().exp() + 1.0).log(),
+        );
         let (m, c) = (
             mse.clone().into_scalar().elem::<f32>(),
             bce.clone().into_scalar().elem::<f32>(),

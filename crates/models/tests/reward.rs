@@ -96,7 +96,7 @@ fn the_reward_model_learns_rewards_from_frames_and_actions_and_ends_from_frames(
     for _ in 0..500 {
         let b = batch(32, &mut rng);
         let (p, r, d) = tensors(&b);
-        let (loss, mse, bce) = model.loss(p, embed(&b.actions), r, d, cfg.done_weight);
+        let (loss, mse, bce) = model.loss(p, embed(&b.actions), r, d, cfg.done_weight, None);
         first.get_or_insert((mse, bce));
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(3e-3, model, grads);

@@ -337,7 +337,10 @@ impl<B: AutodiffBackend> Mbrl<B> {
             let actions = reward_actions::<B>(&self.spec.action_space, &t.actions, &device);
             let rewards = Tensor::from_data(TensorData::new(t.rewards, [n]), &device);
             let ends = Tensor::from_data(TensorData::new(t.terminated, [n]), &device);
-            let (loss, m, c) = self.reward.loss(patches, actions, rewards, ends, 1.0);
+            let weights = Tensor::from_data(TensorData::new(t.weights, [n]), &device);
+            let (loss, m, c) =
+                self.reward
+                    .loss(patches, actions, rewards, ends, 1.0, Some(weights));
             if !(m.is_finite() && c.is_finite()) {
                 return Err(RlError::Config(
                     "the reward model's loss became non-finite; lower reward_lr".into(),

@@ -51,6 +51,9 @@ pub struct Transitions {
     pub actions: Vec<f32>,
     pub rewards: Vec<f32>,
     pub terminated: Vec<f32>,
+    /// Importance weights making a weighted mean over the batch an unbiased estimate
+    /// of the mean over the replay (all 1 for uniform batches).
+    pub weights: Vec<f32>,
 }
 
 impl Transitions {
@@ -374,8 +377,12 @@ impl Replay {
     }
 
     /// `batch` transitions whose next frame is known. With `balanced`, half of them (as
-    /// far as there are any) are rewarded or terminal ones, which are rare in most games
-    /// and would otherwise hardly reach the reward model.
+    /// far as there are any) are rewarded or terminal ones ("events"), which are rare in
+    /// most games and would otherwise hardly reach the reward model; the importance
+    /// weights then undo the oversampling (an event drawn with probability
+    /// `½/|E| + ½/N` stands for `1/N`: weight `2q/(1+q)`, `q = |E|/N`; any other
+    /// transition weighs 2), so a model trained on the weighted loss does not learn to
+    /// expect rewards more often than they come.
     pub fn sample_transitions<R: Rng>(
         &self,
         batch: usize,
@@ -399,6 +406,9 @@ impl Replay {
         } else {
             Vec::new()
         };
+        let total: usize = self.chunks.iter().map(|c| c.rewards.len()).sum();
+        let q = events.len() as f32 / total.max(1) as f32;
+        let is_event = |ch: &Chunk, k: usize| ch.rewards[k] != 0.0 || ch.terminated[k];
         let mut misses = 0;
         while out.len() < batch && misses < 1000 * batch.max(1) {
             let (c, k) = if !events.is_empty() && out.len() < batch / 2 {
@@ -417,6 +427,12 @@ impl Replay {
             out.actions.extend_from_slice(ch.action(k));
             out.rewards.push(ch.rewards[k]);
             out.terminated.push(ch.terminated[k] as u8 as f32);
+            out.weights
+                .push(match (events.is_empty(), is_event(ch, k)) {
+                    (true, _) => 1.0,
+                    (false, true) => 2.0 * q / (1.0 + q),
+                    (false, false) => 2.0,
+                });
         }
         out
     }

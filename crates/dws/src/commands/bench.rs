@@ -75,6 +75,21 @@ pub enum Command {
         #[arg(long, default_value = "cpu")]
         device: crate::device::DeviceArg,
     },
+    /// Imagined env steps per second of the imagined VecEnv of `dws mbrl` (world model
+    /// and reward model, horizon 16, random start states) with random actions, and with
+    /// the small PPO agent choosing them. CoinRun's shape: 64×64 frames, 15 actions.
+    ImagineRl {
+        /// World-model preset.
+        #[arg(long, default_value = "debug")]
+        preset: String,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Timed steps per measurement (after one warm-up step).
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        #[arg(long, default_value = "cpu")]
+        device: crate::device::DeviceArg,
+    },
     /// Imagined frames per second: batched autoregressive rollout with the preset's
     /// sampler steps.
     Imagine {
@@ -303,6 +318,94 @@ impl crate::device::Job for ImagineBench {
     }
 }
 
+struct ImagineRlBench {
+    preset: String,
+    batch: usize,
+    steps: usize,
+}
+
+impl crate::device::Job for ImagineRlBench {
+    type Out = ();
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        use dws_envs::{ActionSpace, EnvSpec, VecEnv};
+        use dws_rl::imagine::{ImaginedVecEnv, StartBuffer, Starts};
+        use rand::Rng;
+        anyhow::ensure!(
+            self.batch >= 1 && self.steps >= 1,
+            "--batch and --steps must be at least 1"
+        );
+        let preset = super::world::load_preset(&self.preset)?;
+        let side = preset.model.image_size;
+        let n_actions = 15;
+        let spec = EnvSpec {
+            id: "bench:imagined".into(),
+            action_space: ActionSpace::Discrete { n: n_actions },
+            frame_shape: [side, side, 3],
+            action_templates: Vec::new(),
+            final_frame_rendered: true,
+        };
+        let config = dws_rl::mbrl::MbrlConfig::small();
+        let context = config.context;
+        let world = bench_world::<B::InnerBackend>(&preset, &device)?;
+        let reward = dws_models::reward::RewardConfig::small(side, n_actions)
+            .init::<B::InnerBackend>(&device);
+        let mut sim = dws_rl::sim::FlowSim::new(
+            world,
+            reward,
+            preset.flow.clone(),
+            spec.clone(),
+            context,
+            0,
+            &device,
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let f = side * side * 3;
+        let mut starts = StartBuffer::new(Starts::Prioritized, 256, context, f, 1, 0.6);
+        for _ in 0..256 {
+            let frames: Vec<u8> = (0..context * f).map(|_| rng.gen()).collect();
+            let actions: Vec<f32> = (0..context - 1)
+                .map(|_| rng.gen_range(0..n_actions) as f32)
+                .collect();
+            starts.push(&frames, &actions);
+        }
+        let mut env = ImaginedVecEnv::new(&mut sim, &starts, self.batch, config.horizon)?;
+        env.reset(0)?;
+        let space = spec.action_space.clone();
+        let step_random = |env: &mut ImaginedVecEnv<'_>, rng: &mut ChaCha8Rng| -> Result<()> {
+            let actions: Vec<_> = (0..self.batch)
+                .map(|_| sample_action(&space, rng))
+                .collect();
+            env.step(&actions)?;
+            Ok(())
+        };
+        step_random(&mut env, &mut rng)?; // warm-up
+        let started = Instant::now();
+        for _ in 0..self.steps {
+            step_random(&mut env, &mut rng)?;
+        }
+        let random = (self.batch * self.steps) as f64 / started.elapsed().as_secs_f64();
+        let tag = format!("imagine-rl/{}/batch{}", self.preset, self.batch);
+        emit(
+            &format!("{tag}/random_actions/steps_per_s"),
+            random,
+            "steps/s",
+        );
+        let mut ppo =
+            dws_rl::Ppo::<B>::new(dws_rl::PpoConfig::small(), space.clone(), side, 0, &device)?;
+        let mut tracker = dws_rl::EpisodeTracker::new(self.batch);
+        let started = Instant::now();
+        let ro = ppo.collect_steps(&mut env, &mut tracker, self.steps)?;
+        let with_policy = ro.len() as f64 / started.elapsed().as_secs_f64();
+        emit(
+            &format!("{tag}/small_ppo_policy/steps_per_s"),
+            with_policy,
+            "steps/s",
+        );
+        emit(&format!("{tag}/context_frames"), context as f64, "frames");
+        Ok(())
+    }
+}
+
 /// Prints one measurement.
 pub fn emit(bench: &str, value: f64, unit: &str) {
     println!(
@@ -356,6 +459,19 @@ pub fn run(cmd: Command) -> Result<()> {
             steps,
             device,
         } => crate::device::dispatch(device, TrainBench { preset, steps })?,
+        Command::ImagineRl {
+            preset,
+            batch,
+            steps,
+            device,
+        } => crate::device::dispatch(
+            device,
+            ImagineRlBench {
+                preset,
+                batch,
+                steps,
+            },
+        )?,
         Command::Imagine {
             preset,
             batch,
