@@ -114,7 +114,7 @@ impl MbrlConfig {
             imagined_envs: 32,
             horizon: 16,
             imagined_ratio: 0.25,
-            imagine_after: 3,
+            imagine_after: 2,
             starts: Starts::Prioritized,
             alpha: 0.6,
             start_capacity: 4096,
