@@ -119,6 +119,27 @@ pub fn write_filmstrip_png(
     Ok(())
 }
 
+/// Sequences of frames `[T_i, H, W, C]`, one row each, time left to right, at twice the
+/// size; shorter rows leave the rest blank.
+pub fn write_rows_png(path: &Path, rows: &[Vec<u8>], h: usize, w: usize, c: usize) -> Result<()> {
+    const S: usize = 2;
+    let f = h * w * c;
+    let frames = rows.iter().map(|r| r.len() / f).max().unwrap_or(0);
+    anyhow::ensure!(frames > 0, "no frames to draw into {}", path.display());
+    let (cw, ch) = (w * S, h * S);
+    let width = frames * (cw + GAP) - GAP;
+    let height = rows.len() * (ch + GAP) - GAP;
+    let mut rgb = vec![BACKGROUND; width * height * 3];
+    for (r, row) in rows.iter().enumerate() {
+        for (t, frame) in row.chunks_exact(f).enumerate() {
+            let at = (t * (cw + GAP), r * (ch + GAP));
+            blit(&mut rgb, width, (h, w, c), at, S, |i| frame[i]);
+        }
+    }
+    dws_data::write_png(path, width, height, &rgb)?;
+    Ok(())
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")

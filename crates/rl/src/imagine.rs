@@ -342,7 +342,7 @@ pub struct ImaginedVecEnv<'a> {
     actions: Vec<f32>,
     obs: Vec<u8>,
     steps: Vec<Step>,
-    /// Last frames of trajectories truncated in the last step, `[N, H, W, 3]`.
+    /// Last frames of trajectories that ended in the last step, `[N, H, W, 3]`.
     finals: Vec<u8>,
     age: Vec<usize>,
     rng: ChaCha8Rng,
@@ -489,7 +489,7 @@ impl VecEnv for ImaginedVecEnv<'_> {
                 truncated: !out.terminated[i] && self.age[i] >= self.horizon,
             };
             self.steps[i] = step;
-            if step.truncated {
+            if step.done() {
                 self.finals[i * f..(i + 1) * f].copy_from_slice(&out.frames[i * f..(i + 1) * f]);
             }
             if step.done() {
@@ -511,7 +511,13 @@ impl VecEnv for ImaginedVecEnv<'_> {
 
     fn final_frame(&self, i: usize) -> Option<&[u8]> {
         let s = self.steps.get(i)?;
-        (s.truncated && !s.terminated)
+        (s.truncated && !s.terminated).then(|| self.end_frame(i))?
+    }
+
+    fn end_frame(&self, i: usize) -> Option<&[u8]> {
+        self.steps
+            .get(i)?
+            .done()
             .then(|| &self.finals[i * self.frame_len..(i + 1) * self.frame_len])
     }
 }

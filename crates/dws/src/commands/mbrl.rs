@@ -16,11 +16,12 @@ use dws_envs::{ActionSpace, EnvConfig, EnvSpec, VecEnv};
 use dws_models::embedders::{ActionKind, EmbedderConfig, EmbedderKind};
 use dws_models::flow::WorldModel;
 use dws_models::reward::RewardConfig;
+use dws_rl::imagine::ImaginedVecEnv;
 use dws_rl::imagine::Starts;
 use dws_rl::mbrl::{self, Mbrl, MbrlConfig, MbrlLog, MbrlOptions};
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct MbrlArgs {
@@ -418,6 +419,9 @@ impl Job for MbrlJob {
         };
         let returns: Vec<_> = logs.iter().map(|l| l.episode_return).collect();
         write_plot(&out.join("returns.png"), &returns, baseline.as_ref())?;
+        if !state.starts.is_empty() {
+            write_imagined(&out.join("imagined.png"), &mut state, 6)?;
+        }
         fs::write(
             out.join("summary.json"),
             serde_json::to_string_pretty(&summary)?,
@@ -437,11 +441,45 @@ impl Job for MbrlJob {
             summary.seconds
         );
         println!(
-            "wrote {}/metrics.jsonl, returns.png, summary.json, agent/ world/ reward/ checkpoints, replay/",
+            "wrote {}/metrics.jsonl, returns.png, imagined.png, summary.json, agent/ world/ reward/ \
+             checkpoints, replay/",
             out.display()
         );
         Ok(summary)
     }
+}
+
+/// `rows` trajectories imagined by the final simulator with the final policy from
+/// start states drawn as in training: each row is the start frame, then the imagined
+/// frames until the horizon or a predicted episode end.
+fn write_imagined<B: AutodiffBackend>(path: &Path, state: &mut Mbrl<B>, rows: usize) -> Result<()> {
+    let [h, w, c] = state.spec.frame_shape;
+    let f = h * w * c;
+    let horizon = state.config.horizon;
+    let mut sim = state.simulator(7);
+    let mut env = ImaginedVecEnv::new(&mut sim, &state.starts, rows, horizon)?;
+    env.reset(7)?;
+    let mut seqs: Vec<Vec<u8>> = env.obs().chunks_exact(f).map(|x| x.to_vec()).collect();
+    let mut live = vec![true; rows];
+    for _ in 0..horizon {
+        let (actions, ..) = state.ppo.act(env.obs(), rows);
+        let steps = env.step(&actions)?.to_vec();
+        for i in 0..rows {
+            if !live[i] {
+                continue;
+            }
+            if steps[i].done() {
+                // The frame the trajectory ended at.
+                if let Some(last) = env.end_frame(i) {
+                    seqs[i].extend_from_slice(last);
+                }
+                live[i] = false;
+            } else {
+                seqs[i].extend_from_slice(&env.obs()[i * f..(i + 1) * f]);
+            }
+        }
+    }
+    crate::report::write_rows_png(path, &seqs, h, w, c)
 }
 
 pub fn mbrl(args: MbrlArgs) -> Result<MbrlSummary> {
