@@ -130,7 +130,11 @@ fn terminations_restart_and_start_events_point_at_first_observations() {
         env.final_frame(0).is_none(),
         "a terminated episode is not bootstrapped"
     );
-    assert_eq!(env.end_frame(0).unwrap()[0], 12, "but its last frame is kept");
+    assert_eq!(
+        env.end_frame(0).unwrap()[0],
+        12,
+        "but its last frame is kept"
+    );
     assert!(env.end_frame(1).is_none());
     let ev = env.take_starts();
     // The restart's first observation is env 0's observation at step 1: index 1·2 + 0.
