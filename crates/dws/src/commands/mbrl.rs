@@ -7,10 +7,10 @@
 //! `replay/`, `starts-*.safetensors`, `state.json`, and at the end `returns.png` and
 //! `summary.json`.
 
-use super::ppo::{baseline, first_and_last, make_vec_env, read_jsonl, write_plot};
+use super::ppo::{baseline, first_and_last, make_vec_env, read_jsonl, stored_config, write_plot};
 use super::world::{load_preset, load_world, DwsConfig, RunConfig};
 use crate::device::{dispatch, DeviceArg, Job};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use dws_envs::{ActionSpace, EnvConfig, EnvSpec, VecEnv};
 use dws_models::embedders::{ActionKind, EmbedderConfig, EmbedderKind};
@@ -127,21 +127,13 @@ pub struct MbrlSummary {
 fn resolve(args: &MbrlArgs) -> Result<MbrlRunConfig> {
     let opts = dws_envs::config::parse_options(&args.env_opts).map_err(anyhow::Error::msg)?;
     let env = EnvConfig::parse(&args.env, &opts)?;
-    let path = args.out.join("config.json");
-    if args.resume && path.is_file() {
-        let text =
-            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut stored: MbrlRunConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a dws mbrl config", path.display()))?;
-        if env != stored.env {
-            bail!(
-                "{} was trained on {} with other options; resume with the same --env and --env-opts",
-                args.out.display(),
-                stored.env.id()
-            );
+    if args.resume {
+        if let Some(mut stored) =
+            stored_config::<MbrlRunConfig>(&args.out, &env, |c| &c.env, "dws mbrl")?
+        {
+            stored.steps = args.steps;
+            return Ok(stored);
         }
-        stored.steps = args.steps;
-        return Ok(stored);
     }
     let mut mbrl = MbrlConfig::preset(&args.preset)?;
     if let Some(s) = args.starts {

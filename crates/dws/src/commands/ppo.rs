@@ -97,21 +97,13 @@ pub(crate) fn make_vec_env(config: &EnvConfig, n: usize) -> Result<SyncVecEnv> {
 fn resolve(args: &PpoArgs) -> Result<PpoRunConfig> {
     let opts = dws_envs::config::parse_options(&args.env_opts).map_err(anyhow::Error::msg)?;
     let env = EnvConfig::parse(&args.env, &opts)?;
-    let path = args.out.join("config.json");
-    if args.resume && path.is_file() {
-        let text =
-            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut stored: PpoRunConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a dws ppo config", path.display()))?;
-        if env != stored.env {
-            bail!(
-                "{} was trained on {} with other options; resume with the same --env and --env-opts",
-                args.out.display(),
-                stored.env.id()
-            );
+    if args.resume {
+        if let Some(mut stored) =
+            stored_config::<PpoRunConfig>(&args.out, &env, |c| &c.env, "dws ppo")?
+        {
+            stored.steps = args.steps;
+            return Ok(stored);
         }
-        stored.steps = args.steps;
-        return Ok(stored);
     }
     let mut ppo = PpoConfig::preset(&args.preset)?;
     if let Some(n) = args.num_envs {
@@ -246,6 +238,31 @@ impl Job for PpoJob {
         );
         Ok(summary)
     }
+}
+
+/// The `config.json` of a run being resumed, if it has one; an error when it was made
+/// for another env than `env`.
+pub(crate) fn stored_config<T: serde::de::DeserializeOwned>(
+    out: &Path,
+    env: &EnvConfig,
+    env_of: impl Fn(&T) -> &EnvConfig,
+    command: &str,
+) -> Result<Option<T>> {
+    let path = out.join("config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let stored: T = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a {command} config", path.display()))?;
+    if env_of(&stored) != env {
+        bail!(
+            "{} was trained on {} with other options; resume with the same --env and --env-opts",
+            out.display(),
+            env_of(&stored).id()
+        );
+    }
+    Ok(Some(stored))
 }
 
 /// The random policy's returns on the env, measured once per run directory
