@@ -30,6 +30,23 @@ pub trait Job {
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Out>;
 }
 
+/// A trained `dws ppo` agent as a collection policy, on the CPU (collection runs one env
+/// step at a time per worker); and the checkpoint it acts with.
+pub fn cpu_ppo_policy(
+    run: &std::path::Path,
+    spec: &dws_envs::EnvSpec,
+    greedy: bool,
+) -> Result<(Box<dyn dws_envs::Policy>, std::path::PathBuf)> {
+    let p = dws_rl::policy::PpoPolicy::<burn::backend::Flex>::load(
+        run,
+        spec,
+        greedy,
+        &Default::default(),
+    )?;
+    let ckpt = p.checkpoint.clone();
+    Ok((Box::new(p), ckpt))
+}
+
 /// Runs `job` on the chosen device.
 pub fn dispatch<J: Job>(device: DeviceArg, job: J) -> Result<J::Out> {
     match device {

@@ -58,6 +58,61 @@ fn ppo_trains_resumes_and_reports_on_the_pushing_task() {
     assert_eq!(&png[1..4], b"PNG");
     assert!(run.join("checkpoints").is_dir());
 
+    // The trained agent collects a dataset (the expert of offline RL), greedy and
+    // sampled, and the manifest names it.
+    let data = dir.path().join("expert");
+    let data_s = data.to_str().unwrap();
+    let policy = format!("ppo:{run_s}");
+    for greedy in [true, false] {
+        let mut args = vec![
+            "collect",
+            "--env",
+            "push",
+            "--policy",
+            &policy,
+            "--episodes",
+            "2",
+            "--out",
+            data_s,
+        ];
+        if greedy {
+            args.push("--greedy");
+        }
+        ok(&args);
+    }
+    let manifest = fs::read_to_string(data.join("manifest.json")).unwrap();
+    assert!(
+        manifest.contains("(greedy)") && manifest.contains("(sampled)"),
+        "{manifest}"
+    );
+    assert!(manifest.contains("step-00000008"), "{manifest}");
+    let info = ok(&["dataset", "info", data_s]);
+    assert!(info.contains("episodes  4"), "{info}");
+    // An agent of one env does not collect in another, and --greedy needs an agent.
+    let err = fails(&[
+        "collect",
+        "--env",
+        "procgen:coinrun",
+        "--policy",
+        &policy,
+        "--episodes",
+        "1",
+        "--out",
+        data_s,
+    ]);
+    assert!(err.contains("trained on push"), "{err}");
+    let err = fails(&[
+        "collect",
+        "--env",
+        "push",
+        "--greedy",
+        "--episodes",
+        "1",
+        "--out",
+        data_s,
+    ]);
+    assert!(err.contains("--greedy is for --policy ppo"), "{err}");
+
     // Resuming with another env is refused, naming the run.
     let err = fails(&[
         "ppo",

@@ -5,6 +5,7 @@ pub mod imagine;
 pub mod mbrl;
 pub mod nets;
 pub mod offline;
+pub mod policy;
 pub mod ppo;
 pub mod replay;
 pub mod run;

@@ -25,9 +25,14 @@ pub struct Args {
     /// (`dws envs ID` lists them).
     #[arg(long, default_value = "")]
     pub env_opts: String,
-    /// random (uniform actions) or scripted (the pushing task's random pushes).
+    /// random (uniform actions), scripted (the pushing task's random pushes) or
+    /// ppo:RUN (a trained `dws ppo` agent, its newest checkpoint; actions sampled from
+    /// its policy unless --greedy).
     #[arg(long, default_value = "random")]
-    pub policy: PolicyKind,
+    pub policy: CollectPolicy,
+    /// With --policy ppo:RUN, the agent's most likely action instead of a sample.
+    #[arg(long)]
+    pub greedy: bool,
     /// Episodes to add.
     #[arg(long, conflicts_with = "steps", required_unless_present = "steps")]
     pub episodes: Option<usize>,
@@ -43,6 +48,50 @@ pub struct Args {
     /// Base seed of the episode seeds.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// Which policy collects.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CollectPolicy {
+    Builtin(PolicyKind),
+    /// A `dws ppo` run directory.
+    Ppo(PathBuf),
+}
+
+impl std::str::FromStr for CollectPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("ppo:") {
+            Some("") => Err("ppo:RUN needs the run directory of a `dws ppo` agent".into()),
+            Some(run) => Ok(Self::Ppo(PathBuf::from(run))),
+            None => s
+                .parse()
+                .map(Self::Builtin)
+                .map_err(|e: String| format!("{e}, or ppo:RUN (a trained `dws ppo` agent)")),
+        }
+    }
+}
+
+impl CollectPolicy {
+    /// How the manifest names it.
+    fn describe(&self, greedy: bool) -> String {
+        match self {
+            Self::Builtin(PolicyKind::Random) => "random".into(),
+            Self::Builtin(PolicyKind::Scripted) => "scripted".into(),
+            Self::Ppo(run) => format!(
+                "ppo:{} ({})",
+                run.display(),
+                if greedy { "greedy" } else { "sampled" }
+            ),
+        }
+    }
+
+    fn make(&self, env: &dyn dws_envs::Env, greedy: bool) -> Result<Box<dyn dws_envs::Policy>> {
+        Ok(match self {
+            Self::Builtin(kind) => make_policy(*kind, env)?,
+            Self::Ppo(run) => crate::device::cpu_ppo_policy(run, env.spec(), greedy)?.0,
+        })
+    }
 }
 
 /// What a collection added.
@@ -132,14 +181,29 @@ pub fn run(args: Args) -> Result<Summary> {
     }
     // One env up front: fails early on a bad id, policy or missing asset.
     let probe = dws_envs::make(&config)?;
-    make_policy(args.policy, probe.as_ref())?;
+    if args.greedy && !matches!(args.policy, CollectPolicy::Ppo(_)) {
+        bail!("--greedy is for --policy ppo:RUN");
+    }
+    let behaviour = match &args.policy {
+        CollectPolicy::Ppo(run) => {
+            let (_, ckpt) = crate::device::cpu_ppo_policy(run, probe.spec(), args.greedy)?;
+            serde_json::json!({
+                "name": args.policy.describe(args.greedy),
+                "checkpoint": ckpt,
+            })
+        }
+        other => {
+            other.make(probe.as_ref(), false)?;
+            serde_json::json!(other.describe(false))
+        }
+    };
     let spec = probe.spec().clone();
     drop(probe);
     let mut writer = DatasetWriter::create_or_append(&args.out, header_for(&config, &spec)?)
         .with_context(|| format!("opening dataset {}", args.out.display()))?;
     let start = writer.next_index();
     writer.add_collection(serde_json::json!({
-        "policy": args.policy,
+        "policy": behaviour,
         "seed": args.seed,
         "first_episode": start,
         "episodes": args.episodes,
@@ -149,14 +213,14 @@ pub fn run(args: Args) -> Result<Summary> {
     }))?;
     let end = args.episodes.map(|n| start + n);
     tracing::info!(
-        "collecting {} from {} with the {:?} policy into {} (episode {start} on, {} workers)",
+        "collecting {} from {} with the {} policy into {} (episode {start} on, {} workers)",
         match (args.episodes, args.steps) {
             (Some(n), _) => format!("{n} episodes"),
             (_, Some(s)) => format!("{s} steps"),
             _ => unreachable!("clap requires one"),
         },
         spec.id,
-        args.policy,
+        args.policy.describe(args.greedy),
         args.out.display(),
         args.workers
     );
@@ -174,11 +238,11 @@ pub fn run(args: Args) -> Result<Summary> {
             live_steps.clone(),
             tx.clone(),
         );
-        let (policy_kind, base_seed) = (args.policy, args.seed);
+        let (policy_kind, greedy, base_seed) = (args.policy.clone(), args.greedy, args.seed);
         handles.push(std::thread::spawn(move || {
             let work = || -> Result<()> {
                 let mut env = dws_envs::make(&config)?;
-                let mut policy = make_policy(policy_kind, env.as_ref())?;
+                let mut policy = policy_kind.make(env.as_ref(), greedy)?;
                 loop {
                     let index = next.fetch_add(1, Ordering::SeqCst);
                     if end.is_some_and(|e| index >= e) || stop.load(Ordering::Relaxed) {
@@ -240,7 +304,10 @@ pub fn run(args: Args) -> Result<Summary> {
         }
         while let Some(f) = pending.remove(&(start + added)) {
             let mut info = f.info;
-            info.insert("policy".into(), serde_json::to_value(args.policy)?);
+            info.insert(
+                "policy".into(),
+                serde_json::json!(args.policy.describe(args.greedy)),
+            );
             writer.append(&f.episode, Some(f.seed), info)?;
             added += 1;
             added_steps += f.episode.steps() as u64;

@@ -97,7 +97,8 @@ fn collect_into(dir: &Path, job: &Job, episodes: usize, seed: u64) -> Result<()>
         collect::run(collect::Args {
             env: job.env.into(),
             env_opts: job.env_opts.into(),
-            policy: job.policy,
+            policy: collect::CollectPolicy::Builtin(job.policy),
+            greedy: false,
             episodes: Some(episodes - have),
             steps: None,
             out: dir.to_path_buf(),

@@ -1,0 +1,126 @@
+//! A trained `dws ppo` agent as a data-collection policy (`dws collect --policy
+//! ppo:RUN`): the expert of offline RL. Actions are sampled from the policy (as the
+//! offline Procgen datasets do) or, greedy, its most likely action (the Gaussian's mean
+//! for continuous actions).
+
+use crate::nets::{frames_to_input, ActorCritic};
+use crate::ppo::{head_for, PpoConfig};
+use crate::{Result, RlError};
+use burn::prelude::*;
+use dws_envs::{Action, ActionSpace, EnvConfig, EnvSpec};
+use dws_models::checkpoint;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+use std::path::Path;
+
+/// The parts of a `dws ppo` run's `config.json` a policy needs.
+#[derive(Deserialize)]
+struct StoredRun {
+    env: EnvConfig,
+    ppo: PpoConfig,
+}
+
+/// A PPO agent acting one env step at a time.
+pub struct PpoPolicy<B: Backend> {
+    model: ActorCritic<B>,
+    space: ActionSpace,
+    side: usize,
+    greedy: bool,
+    device: B::Device,
+    /// The env the agent was trained on.
+    pub trained_on: EnvConfig,
+    /// The checkpoint it acts with.
+    pub checkpoint: std::path::PathBuf,
+}
+
+impl<B: Backend> PpoPolicy<B> {
+    /// The newest checkpoint of the `dws ppo` run `run`, for envs shaped like `spec`.
+    pub fn load(run: &Path, spec: &EnvSpec, greedy: bool, device: &B::Device) -> Result<Self> {
+        let bad = |m: String| RlError::Config(format!("{}: {m}", run.display()));
+        let cfg_path = run.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| bad(format!("not a dws ppo run (config.json: {e})")))?;
+        let stored: StoredRun = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("config.json is not a dws ppo config ({e})")))?;
+        let ckpt = checkpoint::latest(run).ok_or_else(|| bad("no checkpoint yet".into()))?;
+        if stored.env.id() != spec.id {
+            return Err(bad(format!(
+                "the agent was trained on {}, not {}",
+                stored.env.id(),
+                spec.id
+            )));
+        }
+        let [h, w, _] = spec.frame_shape;
+        let model = ActorCritic::new(&stored.ppo.net, h, head_for(&spec.action_space), device);
+        let model = checkpoint::load_model(model, &ckpt, device)
+            .map_err(|e| bad(format!("loading {}: {e}", ckpt.display())))?;
+        if h != w {
+            return Err(bad(format!("PPO agents take square frames, not {h}×{w}")));
+        }
+        Ok(Self {
+            model,
+            space: spec.action_space.clone(),
+            side: h,
+            greedy,
+            device: device.clone(),
+            trained_on: stored.env,
+            checkpoint: ckpt,
+        })
+    }
+}
+
+fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().expect("f32")
+}
+
+impl<B: Backend> dws_envs::Policy for PpoPolicy<B>
+where
+    ActorCritic<B>: Send,
+    B::Device: Send,
+{
+    fn act(&mut self, env: &dyn dws_envs::Env, rng: &mut ChaCha8Rng) -> dws_envs::Result<Action> {
+        let x = frames_to_input::<B>(env.obs(), 1, self.side, &self.device);
+        let out = to_vec(self.model.forward(x).0);
+        Ok(match &self.space {
+            ActionSpace::Discrete { .. } => {
+                let max = out.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let pick = if self.greedy {
+                    out.iter().position(|&l| l == max).unwrap_or(0)
+                } else {
+                    let p: Vec<f32> = out.iter().map(|l| (l - max).exp()).collect();
+                    let mut u = rng.gen::<f32>() * p.iter().sum::<f32>();
+                    let mut pick = p.len() - 1;
+                    for (a, &pa) in p.iter().enumerate() {
+                        if u < pa {
+                            pick = a;
+                            break;
+                        }
+                        u -= pa;
+                    }
+                    pick
+                };
+                Action::Discrete(pick as u32)
+            }
+            ActionSpace::Continuous { low, high, .. } => {
+                let std: Vec<f32> = self
+                    .model
+                    .log_std()
+                    .map(|s| to_vec(s).into_iter().map(f32::exp).collect())
+                    .unwrap_or_default();
+                let noise = if self.greedy {
+                    vec![0.0; out.len()]
+                } else {
+                    dws_models::flow::normal(rng, out.len())
+                };
+                Action::Continuous(
+                    out.iter()
+                        .zip(&noise)
+                        .zip(&std)
+                        .map(|((m, z), s)| (m + s * z).clamp(*low, *high))
+                        .collect(),
+                )
+            }
+        })
+    }
+}
