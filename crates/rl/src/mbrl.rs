@@ -357,6 +357,59 @@ impl<B: AutodiffBackend> Mbrl<B> {
         Ok((done > 0).then(|| (mse / done as f32, bce / done as f32)))
     }
 
+    /// How the reward model reads real transitions: its mean predicted reward and
+    /// termination probability on rewarded or terminal transitions ("events") and on the
+    /// rest, from a batch of up to `n` of each (drawn with their own generator, so the
+    /// training stream is not disturbed). `None` without events.
+    pub fn reward_check(&self, n: usize, seed: u64) -> Option<RewardCheck> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let t = self.replay.sample_transitions(2 * n, true, &mut rng);
+        let device = self.ppo.device().clone();
+        let (side, patch) = (self.reward.side(), self.reward.patch());
+        let is_event: Vec<bool> = (0..t.len())
+            .map(|k| t.rewards[k] != 0.0 || t.terminated[k] > 0.0)
+            .collect();
+        if !is_event.contains(&true) || !is_event.contains(&false) {
+            return None;
+        }
+        let reward = self.reward.valid();
+        let patches = transition_patches::<B::InnerBackend>(
+            &t.before,
+            &t.after,
+            t.len(),
+            side,
+            patch,
+            &device,
+        );
+        let actions =
+            reward_actions::<B::InnerBackend>(&self.spec.action_space, &t.actions, &device);
+        let (r, logit) = reward.forward(patches, actions);
+        let r: Vec<f32> = r.into_data().convert::<f32>().into_vec().expect("f32");
+        let p: Vec<f32> = logit
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32")
+            .into_iter()
+            .map(|z| 1.0 / (1.0 + (-z).exp()))
+            .collect();
+        let mean = |v: &[f32], want: bool| {
+            let (s, c) = v
+                .iter()
+                .zip(&is_event)
+                .filter(|p| *p.1 == want)
+                .fold((0.0, 0), |(s, c), p| (s + p.0, c + 1));
+            s / c.max(1) as f32
+        };
+        Some(RewardCheck {
+            events_reward: mean(&r, true),
+            events_true_reward: mean(&t.rewards, true),
+            other_reward: mean(&r, false),
+            events_end_prob: mean(&p, true),
+            other_end_prob: mean(&p, false),
+        })
+    }
+
     /// The simulator as it is now, on the inner (non-autodiff) backend.
     pub fn simulator(&self, seed: u64) -> FlowSim<B::InnerBackend> {
         FlowSim::new(
@@ -400,6 +453,19 @@ impl<B: AutodiffBackend> Mbrl<B> {
     }
 }
 
+/// What the reward model predicts on real transitions (see [`Mbrl::reward_check`]).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct RewardCheck {
+    /// Mean predicted and true reward on rewarded or terminal transitions.
+    pub events_reward: f32,
+    pub events_true_reward: f32,
+    /// Mean predicted reward elsewhere (true: 0).
+    pub other_reward: f32,
+    /// Mean predicted termination probability on events and elsewhere.
+    pub events_end_prob: f32,
+    pub other_end_prob: f32,
+}
+
 /// One logged update.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MbrlLog {
@@ -417,6 +483,9 @@ pub struct MbrlLog {
     pub world_loss: Option<f32>,
     pub reward_mse: Option<f32>,
     pub reward_bce: Option<f32>,
+    /// The reward model on real transitions after this update's training.
+    #[serde(default)]
+    pub reward_check: Option<RewardCheck>,
     /// Mean imagined reward per step, share of imagined steps that terminated, mean
     /// |TD error| at the start states drawn.
     pub imagined_reward: Option<f32>,
@@ -662,6 +731,7 @@ pub fn train<B: AutodiffBackend>(
         let collect_s = t0.elapsed().as_secs_f64();
         let world_loss = mbrl.train_world(mbrl.config.world_steps)?;
         let reward_loss = mbrl.train_reward(mbrl.config.reward_steps)?;
+        let reward_check = mbrl.reward_check(32, it as u64);
         let world_s = t0.elapsed().as_secs_f64() - collect_s;
         let imagined = if it + 1 > mbrl.config.imagine_after && mbrl.config.imagined_ratio > 0.0 {
             let steps = mbrl.config.imagined_steps_per_env();
@@ -704,6 +774,7 @@ pub fn train<B: AutodiffBackend>(
             world_loss,
             reward_mse: reward_loss.map(|r| r.0),
             reward_bce: reward_loss.map(|r| r.1),
+            reward_check,
             imagined_reward: imagined
                 .as_ref()
                 .map(|(ro, _)| ro.env_rewards.iter().sum::<f32>() / ro.len().max(1) as f32),
