@@ -119,6 +119,68 @@ fn orthogonal_linear<B: Backend>(
     layer
 }
 
+/// The CNN body: conv stacks, then a ReLU'd linear layer of `hidden` units.
+fn body<B: Backend>(
+    config: &NetConfig,
+    side: usize,
+    device: &B::Device,
+) -> (Vec<ConvStack<B>>, Linear<B>) {
+    let mut cin = 3;
+    let mut s = side;
+    let stacks = config
+        .channels
+        .iter()
+        .map(|&c| {
+            let stack = ConvStack {
+                conv: conv3x3(cin, c, device),
+                blocks: (0..config.res_blocks)
+                    .map(|_| ResBlock {
+                        conv0: conv3x3(c, c, device),
+                        conv1: conv3x3(c, c, device),
+                    })
+                    .collect(),
+            };
+            cin = c;
+            s = (s + 2 - 3) / 2 + 1;
+            stack
+        })
+        .collect();
+    let fc = LinearConfig::new(cin * s * s, config.hidden).init(device);
+    (stacks, fc)
+}
+
+/// The body's features `[N, hidden]` of observations `[N, 3, H, W]`.
+fn encode<B: Backend>(stacks: &[ConvStack<B>], fc: &Linear<B>, obs: Tensor<B, 4>) -> Tensor<B, 2> {
+    let mut x = obs;
+    for stack in stacks {
+        x = stack.forward(x);
+    }
+    relu(fc.forward(relu(x).flatten::<2>(1, 3)))
+}
+
+/// The body with one linear head of `outputs` units: the Q network (one value per
+/// action), state-value network (one output) or policy (logits) of the offline
+/// learners.
+#[derive(Module, Debug)]
+pub struct QNet<B: Backend> {
+    stacks: Vec<ConvStack<B>>,
+    fc: Linear<B>,
+    head: Linear<B>,
+}
+
+impl<B: Backend> QNet<B> {
+    pub fn new(config: &NetConfig, side: usize, outputs: usize, device: &B::Device) -> Self {
+        let (stacks, fc) = body(config, side, device);
+        let head = orthogonal_linear(config.hidden, outputs, 1.0, device);
+        Self { stacks, fc, head }
+    }
+
+    /// `[N, outputs]` for observations `[N, 3, H, W]` in `[0, 1]`.
+    pub fn forward(&self, obs: Tensor<B, 4>) -> Tensor<B, 2> {
+        self.head.forward(encode(&self.stacks, &self.fc, obs))
+    }
+}
+
 /// Actor and critic over one shared CNN body.
 #[derive(Module, Debug)]
 pub struct ActorCritic<B: Backend> {
@@ -133,28 +195,7 @@ pub struct ActorCritic<B: Backend> {
 impl<B: Backend> ActorCritic<B> {
     /// A network for `[3, side, side]` inputs in `[0, 1]`.
     pub fn new(config: &NetConfig, side: usize, head: Head, device: &B::Device) -> Self {
-        let mut cin = 3;
-        let mut s = side;
-        let stacks = config
-            .channels
-            .iter()
-            .map(|&c| {
-                let stack = ConvStack {
-                    conv: conv3x3(cin, c, device),
-                    blocks: (0..config.res_blocks)
-                        .map(|_| ResBlock {
-                            conv0: conv3x3(c, c, device),
-                            conv1: conv3x3(c, c, device),
-                        })
-                        .collect(),
-                };
-                cin = c;
-                s = (s + 2 - 3) / 2 + 1;
-                stack
-            })
-            .collect();
-        let flat = cin * s * s;
-        let fc = LinearConfig::new(flat, config.hidden).init(device);
+        let (stacks, fc) = body(config, side, device);
         let policy = orthogonal_linear(config.hidden, head.outputs(), 0.01, device);
         let value = orthogonal_linear(config.hidden, 1, 1.0, device);
         let log_std = match head {
@@ -173,12 +214,7 @@ impl<B: Backend> ActorCritic<B> {
     /// Policy-head output (logits or Gaussian means) `[N, A]` and values `[N]` for
     /// observations `[N, 3, H, W]` in `[0, 1]`.
     pub fn forward(&self, obs: Tensor<B, 4>) -> (Tensor<B, 2>, Tensor<B, 1>) {
-        let mut x = obs;
-        for stack in &self.stacks {
-            x = stack.forward(x);
-        }
-        let x = relu(x).flatten::<2>(1, 3);
-        let h = relu(self.fc.forward(x));
+        let h = encode(&self.stacks, &self.fc, obs);
         let out = self.policy.forward(h.clone());
         let value = self.value.forward(h).flatten::<1>(0, 1);
         (out, value)

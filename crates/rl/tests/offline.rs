@@ -154,3 +154,90 @@ fn iql_value_converges_to_the_expectile_of_the_data_actions() {
     let v = train_v(0.999);
     assert!(v > 3.97 && v <= 4.0 + 1e-3, "{v}");
 }
+
+mod learners {
+    use super::A;
+    use dws_data::{ActionSpace, Episode};
+    use dws_rl::nets::NetConfig;
+    use dws_rl::offline::{bc::Bc, cql::Cql, iql::Iql, OfflineConfig, TransitionSet};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    const SIDE: usize = 8;
+
+    fn colour(c: usize) -> Vec<u8> {
+        let mut px = [20u8; 3];
+        px[c] = 230;
+        px.repeat(SIDE * SIDE)
+    }
+
+    /// One-step episodes: a frame of colour c ∈ {0, 1, 2}; action c earns 1, any other 0.
+    /// The behaviour policy picks uniformly, so cloning it is right a third of the time.
+    fn data(n: usize, rng: &mut ChaCha8Rng) -> TransitionSet {
+        let space = ActionSpace::Discrete { n: 3 };
+        let eps = (0..n)
+            .map(|_| {
+                let c = rng.gen_range(0..3);
+                let a = rng.gen_range(0..3u32);
+                let mut e = Episode::new(&colour(c), [SIDE, SIDE, 3], &space);
+                e.push_discrete(a, (a as usize == c) as u8 as f32, true, false, &colour(c));
+                e
+            })
+            .collect();
+        TransitionSet::new(eps).unwrap()
+    }
+
+    fn config() -> OfflineConfig {
+        OfflineConfig {
+            net: NetConfig {
+                channels: vec![4],
+                res_blocks: 0,
+                hidden: 16,
+            },
+            lr: 3e-3,
+            batch: 32,
+            cql_target_every: 20,
+            iql_target_every: 20,
+            ..OfflineConfig::reference()
+        }
+    }
+
+    fn accuracy(act: impl Fn(&[u8], usize) -> Vec<u32>) -> f32 {
+        let frames: Vec<u8> = (0..3).flat_map(colour).collect();
+        let picks = act(&frames, 3);
+        picks
+            .iter()
+            .enumerate()
+            .filter(|(c, &a)| a as usize == *c)
+            .count() as f32
+            / 3.0
+    }
+
+    #[test]
+    fn cql_and_iql_find_the_rewarded_action_in_random_behaviour_data() {
+        let device = Default::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let set = data(600, &mut rng);
+        let mut cql = Cql::<A>::new(config(), SIDE, 3, &device);
+        let mut iql = Iql::<A>::new(config(), SIDE, 3, &device);
+        let mut bc = Bc::<A>::new(config(), SIDE, 3, &device);
+        let mut last = None;
+        for _ in 0..300 {
+            let b = set.sample(32, &mut rng);
+            last = Some((cql.step(&b), iql.step(&b), bc.step(&b)));
+        }
+        let (c, i, b) = last.unwrap();
+        assert!(c.td.is_finite() && c.conservative >= 0.0, "{c:?}");
+        assert!(i.value_loss.is_finite() && i.q_loss.is_finite(), "{i:?}");
+        assert_eq!(accuracy(|f, n| cql.act(f, n)), 1.0, "CQL");
+        assert_eq!(accuracy(|f, n| iql.act(f, n)), 1.0, "IQL");
+        // A one-step episode: Q(s, a_data) is its reward, about 1/3 on average (CQL's
+        // conservative term lowers it).
+        assert!(c.q_data < 0.6, "{c:?}");
+        // IQL's V (τ = 0.8) lies between the mean reward and the best one.
+        assert!(i.value > 0.3 && i.value < 1.05, "{i:?}");
+        // BC copies the behaviour, which is uniform: its cross-entropy stays near ln 3,
+        // and nothing in it prefers the rewarded action.
+        assert!((b - 3f32.ln()).abs() < 0.15, "BC loss {b}");
+    }
+}

@@ -1,0 +1,93 @@
+//! Conservative Q-learning as double DQN (Kumar et al. 2020; the discrete form of the
+//! offline Procgen benchmark): the TD target takes the online network's best next
+//! action valued by a target network (a hard copy every `cql_target_every` steps), the
+//! TD error goes through a Huber loss, and `α · (logsumexp_a Q(s, a) − Q(s, a_data))`
+//! keeps the values of actions the data never took from running away. The policy is
+//! greedy in Q.
+
+use super::{argmax_rows, cql_loss, gather_actions, net, to_vec, Batch, OfflineConfig};
+use crate::nets::{frames_to_input, QNet};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+/// Losses of one step.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct CqlStats {
+    pub loss: f32,
+    pub td: f32,
+    pub conservative: f32,
+    /// Mean `Q(s, a_data)`.
+    pub q_data: f32,
+}
+
+pub struct Cql<B: AutodiffBackend> {
+    pub config: OfflineConfig,
+    pub q: QNet<B>,
+    target: QNet<B>,
+    optim: OptimizerAdaptor<Adam, QNet<B>, B>,
+    side: usize,
+    actions: usize,
+    steps: usize,
+}
+
+impl<B: AutodiffBackend> Cql<B> {
+    pub fn new(config: OfflineConfig, side: usize, actions: usize, device: &B::Device) -> Self {
+        let q = net(&config, side, actions, device);
+        Self {
+            target: q.clone(),
+            q,
+            optim: AdamConfig::new().init(),
+            config,
+            side,
+            actions,
+            steps: 0,
+        }
+    }
+
+    /// One gradient step.
+    pub fn step(&mut self, batch: &Batch) -> CqlStats {
+        let device = self.q.devices()[0].clone();
+        let n = batch.len();
+        let (obs, next, actions, rewards, dones) = batch.tensors::<B>(self.side, &device);
+        // Double DQN: the online network picks, the target network values.
+        let pick = argmax_rows(&to_vec(self.q.forward(next.clone())), self.actions);
+        let pick = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(pick.iter().map(|&a| a as i64).collect::<Vec<_>>(), [n]),
+            &device,
+        );
+        let next_value = gather_actions(self.target.forward(next), pick).detach();
+        let targets = rewards + (dones.neg() + 1.0) * next_value * self.config.gamma;
+        let q = self.q.forward(obs);
+        let q_data = gather_actions(q.clone(), actions.clone())
+            .mean()
+            .into_scalar()
+            .elem::<f32>();
+        let out = cql_loss(q, actions, targets, self.config.cql_alpha);
+        let loss = out.total.clone().into_scalar().elem::<f32>();
+        let grads = GradientsParams::from_grads(out.total.backward(), &self.q);
+        self.q = self.optim.step(self.config.lr, self.q.clone(), grads);
+        self.steps += 1;
+        if self
+            .steps
+            .is_multiple_of(self.config.cql_target_every.max(1))
+        {
+            self.target = self.q.clone();
+        }
+        CqlStats {
+            loss,
+            td: out.td,
+            conservative: out.conservative,
+            q_data,
+        }
+    }
+
+    /// The greedy action per frame `[n, H, W, 3]`.
+    pub fn act(&self, frames: &[u8], n: usize) -> Vec<u32> {
+        let device = self.q.devices()[0].clone();
+        let x = frames_to_input::<B>(frames, n, self.side, &device);
+        argmax_rows(&to_vec(self.q.forward(x)), self.actions)
+    }
+}
