@@ -90,6 +90,17 @@ pub enum Command {
         #[arg(long, default_value = "cpu")]
         device: crate::device::DeviceArg,
     },
+    /// Gradient steps per second of the offline learners (BC, CQL, IQL) on random 64×64
+    /// transitions with 15 actions, at the reference network (IMPALA 16/32/32, FC 256).
+    Offline {
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Timed steps per learner (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value = "cpu")]
+        device: crate::device::DeviceArg,
+    },
     /// Imagined frames per second: batched autoregressive rollout with the preset's
     /// sampler steps.
     Imagine {
@@ -318,6 +329,69 @@ impl crate::device::Job for ImagineBench {
     }
 }
 
+struct OfflineBench {
+    batch: usize,
+    steps: usize,
+}
+
+impl crate::device::Job for OfflineBench {
+    type Out = ();
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        use dws_rl::offline::{bc::Bc, cql::Cql, iql::Iql, Batch, OfflineConfig};
+        use rand::Rng;
+        anyhow::ensure!(
+            self.batch >= 1 && self.steps >= 1,
+            "--batch and --steps must be at least 1"
+        );
+        let (side, n_actions) = (64, 15);
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let f = side * side * 3;
+        let mut batch = || Batch {
+            obs: (0..self.batch * f).map(|_| rng.gen()).collect(),
+            next_obs: (0..self.batch * f).map(|_| rng.gen()).collect(),
+            actions: (0..self.batch)
+                .map(|_| rng.gen_range(0..n_actions as u32))
+                .collect(),
+            rewards: (0..self.batch).map(|_| rng.gen_range(0.0..1.0)).collect(),
+            dones: (0..self.batch)
+                .map(|_| (rng.gen::<f32>() < 0.01) as u8 as f32)
+                .collect(),
+        };
+        let batches: Vec<Batch> = (0..=self.steps).map(|_| batch()).collect();
+        let config = OfflineConfig::reference();
+        let time = |step: &mut dyn FnMut(&Batch)| {
+            step(&batches[0]); // warm-up
+            let started = Instant::now();
+            for b in &batches[1..] {
+                step(b);
+            }
+            self.steps as f64 / started.elapsed().as_secs_f64()
+        };
+        let mut bc = Bc::<B>::new(config.clone(), side, n_actions, &device);
+        let bc_rate = time(&mut |b| {
+            bc.step(b);
+        });
+        drop(bc);
+        let mut cql = Cql::<B>::new(config.clone(), side, n_actions, &device);
+        let cql_rate = time(&mut |b| {
+            cql.step(b);
+        });
+        drop(cql);
+        let mut iql = Iql::<B>::new(config, side, n_actions, &device);
+        let iql_rate = time(&mut |b| {
+            iql.step(b);
+        });
+        for (name, rate) in [("bc", bc_rate), ("cql", cql_rate), ("iql", iql_rate)] {
+            emit(
+                &format!("offline/{name}/batch{}/steps_per_s", self.batch),
+                rate,
+                "steps/s",
+            );
+        }
+        Ok(())
+    }
+}
+
 struct ImagineRlBench {
     preset: String,
     batch: usize,
@@ -459,6 +533,11 @@ pub fn run(cmd: Command) -> Result<()> {
             steps,
             device,
         } => crate::device::dispatch(device, TrainBench { preset, steps })?,
+        Command::Offline {
+            batch,
+            steps,
+            device,
+        } => crate::device::dispatch(device, OfflineBench { batch, steps })?,
         Command::ImagineRl {
             preset,
             batch,
