@@ -281,7 +281,7 @@ pub fn run(args: Args) -> Result<()> {
         dws_run.display()
     );
     println!(
-        "Train an agent in a real game: `dws ppo --env procgen:coinrun` (PPO; model-based RL in the world simulator is not built yet)."
+        "Train an agent in a real game: `dws ppo --env procgen:coinrun`; inside the world simulator as well: `dws mbrl --env push --preset debug --steps 640` (seconds; README, `dws mbrl`, for CoinRun)."
     );
     if !cfg!(feature = "atari") {
         println!(
