@@ -698,6 +698,12 @@ pub fn train<B: AutodiffBackend>(
             }
             let _ = fs::remove_dir_all(&replay_dir);
             fs::create_dir_all(&replay_dir).map_err(io(&replay_dir))?;
+            for entry in fs::read_dir(run).map_err(io(run))?.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name.starts_with("starts-") && name.ends_with(".safetensors") {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
             for p in [metrics.clone(), run.join("state.json")] {
                 if p.exists() {
                     fs::remove_file(&p).map_err(io(&p))?;
