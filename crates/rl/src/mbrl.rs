@@ -17,7 +17,7 @@
 
 use crate::imagine::{ImaginedVecEnv, StartBuffer, Starts};
 use crate::ppo::{adam, EpisodeTracker, Ppo, PpoConfig, Rollout, UpdateStats};
-use crate::replay::{Chunk, Replay};
+use crate::replay::{numbered_files, Chunk, Replay};
 use crate::run::{env_seed, episode_returns, model_err, Baseline};
 use crate::sim::{action_batch, reward_actions, FlowSim};
 use crate::{Result, RlError};
@@ -602,32 +602,14 @@ impl<B: AutodiffBackend> Mbrl<B> {
             .first()
             .and_then(|p| checkpoint::read_state(p).ok())
             .map_or(iteration, |s| s.step);
-        for entry in fs::read_dir(run).map_err(io(run))?.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if let Some(it) = name
-                .strip_prefix("starts-")
-                .and_then(|r| r.strip_suffix(".safetensors"))
-                .and_then(|r| r.parse::<usize>().ok())
-            {
-                if it < oldest {
-                    let _ = fs::remove_file(entry.path());
-                }
+        for (it, path) in numbered_files(run, "starts-", ".safetensors") {
+            if it < oldest {
+                let _ = fs::remove_file(path);
             }
         }
-        let replay_dir = run.join("replay");
-        for entry in fs::read_dir(&replay_dir)
-            .map_err(io(&replay_dir))?
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if let Some(it) = name
-                .strip_prefix("chunk-")
-                .and_then(|r| r.strip_suffix(".safetensors"))
-                .and_then(|r| r.parse::<usize>().ok())
-            {
-                if it + self.config.replay_chunks <= oldest {
-                    let _ = fs::remove_file(entry.path());
-                }
+        for (it, path) in numbered_files(&run.join("replay"), "chunk-", ".safetensors") {
+            if it + self.config.replay_chunks <= oldest {
+                let _ = fs::remove_file(path);
             }
         }
         Ok(())
@@ -698,11 +680,8 @@ pub fn train<B: AutodiffBackend>(
             }
             let _ = fs::remove_dir_all(&replay_dir);
             fs::create_dir_all(&replay_dir).map_err(io(&replay_dir))?;
-            for entry in fs::read_dir(run).map_err(io(run))?.flatten() {
-                let name = entry.file_name().to_string_lossy().to_string();
-                if name.starts_with("starts-") && name.ends_with(".safetensors") {
-                    let _ = fs::remove_file(entry.path());
-                }
+            for (_, path) in numbered_files(run, "starts-", ".safetensors") {
+                let _ = fs::remove_file(path);
             }
             for p in [metrics.clone(), run.join("state.json")] {
                 if p.exists() {

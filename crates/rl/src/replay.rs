@@ -7,10 +7,9 @@
 //! atomically) when it arrives, so a killed run loses no experience and a resumed one
 //! reads the chunks back up to its checkpoint.
 
-use crate::imagine::push_action;
 use crate::ppo::{ActionBuf, Rollout};
 use crate::{Result, RlError};
-use dws_envs::{Action, ActionSpace};
+use dws_envs::ActionSpace;
 use rand::Rng;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -445,22 +444,7 @@ impl Replay {
     /// Reads the newest `capacity` chunks of `dir` up to `iteration`, deleting chunks
     /// written after it (a resumed run collects those again).
     pub fn load_dir(dir: &Path, iteration: usize, capacity: usize) -> Result<Self> {
-        let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
-            .map(|rd| {
-                rd.flatten()
-                    .filter_map(|e| {
-                        let name = e.file_name().into_string().ok()?;
-                        let it = name
-                            .strip_prefix("chunk-")?
-                            .strip_suffix(".safetensors")?
-                            .parse()
-                            .ok()?;
-                        Some((it, e.path()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        found.sort();
+        let found = numbered_files(dir, "chunk-", ".safetensors");
         let mut replay = Self::new(capacity);
         for (it, path) in found {
             if it > iteration {
@@ -474,19 +458,23 @@ impl Replay {
     }
 }
 
-/// A flat action row as the env's action.
-pub fn actions_of(space: &ActionSpace, rows: &[f32]) -> Vec<Action> {
-    let w = crate::imagine::action_width(space);
-    rows.chunks_exact(w)
-        .map(|r| crate::imagine::row_action(space, r))
-        .collect()
-}
-
-/// Flat rows of env actions.
-pub fn rows_of(actions: &[Action]) -> Vec<f32> {
-    let mut out = Vec::new();
-    for a in actions {
-        push_action(a, &mut out);
-    }
-    out
+/// Files `PREFIX<number>SUFFIX` in `dir`, by number (none when `dir` is unreadable).
+pub fn numbered_files(dir: &Path, prefix: &str, suffix: &str) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().into_string().ok()?;
+                    let n = name
+                        .strip_prefix(prefix)?
+                        .strip_suffix(suffix)?
+                        .parse()
+                        .ok()?;
+                    Some((n, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
 }

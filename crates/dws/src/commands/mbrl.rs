@@ -227,6 +227,8 @@ fn build_world<B: AutodiffBackend>(
     train.clip_len = config.mbrl.context + 1;
     train.batch = config.mbrl.world_batch;
     train.lr = config.mbrl.world_lr;
+    // What the simulator is: the base's weights (with DWS attached where it has none),
+    // or an untrained model of the preset's size.
     let (dws, world, flow) = match base {
         Some((cfg, world)) if cfg.dws.is_some() => {
             let dws = cfg.dws.clone().expect("checked");
@@ -237,31 +239,17 @@ fn build_world<B: AutodiffBackend>(
                 dws.embedder.actions,
                 spec.id
             );
-            (dws, world, cfg.flow)
+            (dws, Some(world), cfg.flow)
         }
         Some((cfg, mut world)) => {
             let e = embedder_config(spec, &config.embedder, preset.dws.cond_dim)?;
             world.dit = world.dit.attach_action_modules(e.cond_dim, device);
             world.embedder = Some(e.init(device)?);
-            (DwsConfig { embedder: e }, world, cfg.flow)
+            (DwsConfig { embedder: e }, Some(world), cfg.flow)
         }
         None => {
             let e = embedder_config(spec, &config.embedder, preset.dws.cond_dim)?;
-            let run = RunConfig {
-                command: "mbrl".into(),
-                preset: config.world_preset.clone(),
-                model: model_cfg.clone(),
-                flow: preset.flow.clone(),
-                train: train.clone(),
-                dws: Some(DwsConfig {
-                    embedder: e.clone(),
-                }),
-                train_new_only: false,
-                data: Vec::new(),
-                base: None,
-            };
-            let world = run.build::<B>(device, true)?;
-            (DwsConfig { embedder: e }, world, preset.flow.clone())
+            (DwsConfig { embedder: e }, None, preset.flow.clone())
         }
     };
     let run = RunConfig {
@@ -274,6 +262,10 @@ fn build_world<B: AutodiffBackend>(
         train_new_only: false,
         data: Vec::new(),
         base: config.base.clone(),
+    };
+    let world = match world {
+        Some(w) => w,
+        None => run.build::<B>(device, true)?,
     };
     Ok((run, world))
 }
