@@ -105,3 +105,14 @@ pub enum ActionSpace {
     Discrete { n: usize },
     Continuous { dim: usize, low: f32, high: f32 },
 }
+
+impl std::fmt::Display for ActionSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ActionSpace::Discrete { n } => write!(f, "discrete:{n}"),
+            ActionSpace::Continuous { dim, low, high } => {
+                write!(f, "continuous:{dim} in [{low}, {high}]")
+            }
+        }
+    }
+}

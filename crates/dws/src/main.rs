@@ -44,6 +44,12 @@ enum Command {
     /// Model-based RL: PPO on real and imagined rollouts of a DWS world simulator
     /// fine-tuned as it goes, imagination started from prioritized (or uniform) states.
     Mbrl(commands::mbrl::MbrlArgs),
+    /// Imagine transitions with a world simulator from a dataset's states; writes them as
+    /// an episode dataset marked imagined (offline-RL augmentation).
+    Imagine(commands::imagine::ImagineArgs),
+    /// Offline RL (BC, CQL, IQL) from recorded and imagined transitions, evaluated in the
+    /// real env on training and unseen levels.
+    Offline(commands::offline::OfflineArgs),
     /// Score a model on held-out clips (PSNR, SSIM, LPIPS, FVD) beside the repeat-last-frame
     /// reference; writes metrics.json, plots, GIFs and an HTML report.
     Eval(commands::eval::EvalArgs),
@@ -104,6 +110,8 @@ fn main() {
         Command::Play(a) => commands::play::play(a),
         Command::Ppo(a) => commands::ppo::ppo(a).map(|_| ()),
         Command::Mbrl(a) => commands::mbrl::mbrl(a).map(|_| ()),
+        Command::Imagine(a) => commands::imagine::imagine(a).map(|_| ()),
+        Command::Offline(a) => commands::offline::offline(a).map(|_| ()),
         Command::Eval(a) => commands::eval::eval(a).map(|_| ()),
         Command::Compare(a) => commands::eval::compare(a).map(|_| ()),
         Command::Metrics(c) => commands::metrics::run(c),

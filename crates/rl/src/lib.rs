@@ -1,6 +1,7 @@
 //! Reinforcement learning in dws: actor-critic networks and PPO over any
 //! [`dws_envs::VecEnv`], real or imagined by a world model.
 
+pub mod augment;
 pub mod imagine;
 pub mod mbrl;
 pub mod nets;

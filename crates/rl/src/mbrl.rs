@@ -198,6 +198,83 @@ fn reward_optim<B: AutodiffBackend>() -> OptimizerAdaptor<Adam, RewardModel<B>, 
         .init()
 }
 
+/// The reward/termination model with its optimiser: trained on real transitions by
+/// `dws mbrl` every update and by `dws imagine` before it imagines.
+pub struct RewardTrainer<B: AutodiffBackend> {
+    pub model: RewardModel<B>,
+    pub optim: OptimizerAdaptor<Adam, RewardModel<B>, B>,
+}
+
+impl<B: AutodiffBackend> RewardTrainer<B> {
+    pub fn new(model: RewardModel<B>) -> Self {
+        Self {
+            model,
+            optim: reward_optim(),
+        }
+    }
+
+    /// `steps` optimiser steps on batches of `batch` transitions of `replay` (half of
+    /// them rewarded or terminal with `balanced`, importance-weighted back); returns the
+    /// mean reward MSE and termination cross-entropy, `None` without transitions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train<R: Rng>(
+        &mut self,
+        replay: &Replay,
+        space: &dws_envs::ActionSpace,
+        steps: usize,
+        batch: usize,
+        lr: f64,
+        balanced: bool,
+        rng: &mut R,
+    ) -> Result<Option<(f32, f32)>> {
+        let device = self.model.devices()[0].clone();
+        let (side, patch) = (self.model.side(), self.model.patch());
+        let (mut mse, mut bce, mut done) = (0.0, 0.0, 0);
+        for _ in 0..steps {
+            let t = replay.sample_transitions(batch, balanced, rng);
+            if t.is_empty() {
+                break;
+            }
+            let n = t.len();
+            let patches = transition_patches::<B>(&t.before, &t.after, n, side, patch, &device);
+            let actions = reward_actions::<B>(space, &t.actions, &device);
+            let rewards = Tensor::from_data(TensorData::new(t.rewards, [n]), &device);
+            let ends = Tensor::from_data(TensorData::new(t.terminated, [n]), &device);
+            let weights = Tensor::from_data(TensorData::new(t.weights, [n]), &device);
+            let (loss, m, c) = self
+                .model
+                .loss(patches, actions, rewards, ends, 1.0, Some(weights));
+            if !(m.is_finite() && c.is_finite()) {
+                return Err(RlError::Config(
+                    "the reward model's loss became non-finite; lower reward_lr".into(),
+                ));
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+            self.model = self.optim.step(lr, self.model.clone(), grads);
+            mse += m;
+            bce += c;
+            done += 1;
+        }
+        Ok((done > 0).then(|| (mse / done as f32, bce / done as f32)))
+    }
+
+    /// Writes the model and its optimiser state as a checkpoint of `run`.
+    pub fn save(&self, run: &Path, state: &TrainState, keep_last: usize) -> Result<PathBuf> {
+        checkpoint::save::<B, _>(run, &self.model, self.optim.to_record(), state, keep_last)
+            .map_err(model_err)
+    }
+
+    /// Restores a checkpoint written by [`RewardTrainer::save`].
+    pub fn load(&mut self, ckpt: &Path) -> Result<()> {
+        let device = self.model.devices()[0].clone();
+        self.model =
+            checkpoint::load_model(self.model.clone(), ckpt, &device).map_err(model_err)?;
+        self.optim = reward_optim::<B>()
+            .load_record(checkpoint::load_optim(ckpt, &device).map_err(model_err)?);
+        Ok(())
+    }
+}
+
 impl<B: AutodiffBackend> Mbrl<B> {
     /// A fresh run state around a world model (from a base checkpoint or new, with its
     /// action modules attached) and a reward model.
@@ -320,41 +397,22 @@ impl<B: AutodiffBackend> Mbrl<B> {
     /// Reward-model steps on replay transitions; returns the mean reward MSE and
     /// termination cross-entropy.
     pub fn train_reward(&mut self, steps: usize) -> Result<Option<(f32, f32)>> {
-        let device = self.ppo.device().clone();
-        let (side, patch) = (self.reward.side(), self.reward.patch());
-        let (mut mse, mut bce, mut done) = (0.0, 0.0, 0);
-        for _ in 0..steps {
-            let t = self.replay.sample_transitions(
-                self.config.reward_batch,
-                self.config.balanced_rewards,
-                &mut self.rng,
-            );
-            if t.is_empty() {
-                break;
-            }
-            let n = t.len();
-            let patches = transition_patches::<B>(&t.before, &t.after, n, side, patch, &device);
-            let actions = reward_actions::<B>(&self.spec.action_space, &t.actions, &device);
-            let rewards = Tensor::from_data(TensorData::new(t.rewards, [n]), &device);
-            let ends = Tensor::from_data(TensorData::new(t.terminated, [n]), &device);
-            let weights = Tensor::from_data(TensorData::new(t.weights, [n]), &device);
-            let (loss, m, c) =
-                self.reward
-                    .loss(patches, actions, rewards, ends, 1.0, Some(weights));
-            if !(m.is_finite() && c.is_finite()) {
-                return Err(RlError::Config(
-                    "the reward model's loss became non-finite; lower reward_lr".into(),
-                ));
-            }
-            let grads = GradientsParams::from_grads(loss.backward(), &self.reward);
-            self.reward = self
-                .reward_optim
-                .step(self.config.reward_lr, self.reward.clone(), grads);
-            mse += m;
-            bce += c;
-            done += 1;
-        }
-        Ok((done > 0).then(|| (mse / done as f32, bce / done as f32)))
+        let mut trainer = RewardTrainer {
+            model: self.reward.clone(),
+            optim: std::mem::replace(&mut self.reward_optim, reward_optim()),
+        };
+        let out = trainer.train(
+            &self.replay,
+            &self.spec.action_space,
+            steps,
+            self.config.reward_batch,
+            self.config.reward_lr,
+            self.config.balanced_rewards,
+            &mut self.rng,
+        );
+        self.reward = trainer.model;
+        self.reward_optim = trainer.optim;
+        out
     }
 
     /// How the reward model reads real transitions: its mean predicted reward and

@@ -9,7 +9,6 @@ use crate::{Result, RlError};
 use burn::prelude::*;
 use dws_envs::{Action, ActionSpace, EnvConfig, EnvSpec};
 use dws_models::checkpoint;
-use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use std::path::Path;
@@ -74,33 +73,20 @@ fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().expect("f32")
 }
 
-impl<B: Backend> dws_envs::Policy for PpoPolicy<B>
-where
-    ActorCritic<B>: Send,
-    B::Device: Send,
-{
-    fn act(&mut self, env: &dyn dws_envs::Env, rng: &mut ChaCha8Rng) -> dws_envs::Result<Action> {
-        let x = frames_to_input::<B>(env.obs(), 1, self.side, &self.device);
+impl<B: Backend> PpoPolicy<B> {
+    /// One action per frame of `frames` `[n, H, W, 3]`.
+    pub fn act_frames(&self, frames: &[u8], n: usize, rng: &mut ChaCha8Rng) -> Vec<Action> {
+        let x = frames_to_input::<B>(frames, n, self.side, &self.device);
         let out = to_vec(self.model.forward(x).0);
-        Ok(match &self.space {
+        let width = out.len() / n.max(1);
+        match &self.space {
             ActionSpace::Discrete { .. } => {
-                let max = out.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let pick = if self.greedy {
-                    out.iter().position(|&l| l == max).unwrap_or(0)
+                let picks = if self.greedy {
+                    crate::offline::argmax_rows(&out, width)
                 } else {
-                    let p: Vec<f32> = out.iter().map(|l| (l - max).exp()).collect();
-                    let mut u = rng.gen::<f32>() * p.iter().sum::<f32>();
-                    let mut pick = p.len() - 1;
-                    for (a, &pa) in p.iter().enumerate() {
-                        if u < pa {
-                            pick = a;
-                            break;
-                        }
-                        u -= pa;
-                    }
-                    pick
+                    crate::offline::sample_rows(&out, width, rng)
                 };
-                Action::Discrete(pick as u32)
+                picks.into_iter().map(Action::Discrete).collect()
             }
             ActionSpace::Continuous { low, high, .. } => {
                 let std: Vec<f32> = self
@@ -108,19 +94,33 @@ where
                     .log_std()
                     .map(|s| to_vec(s).into_iter().map(f32::exp).collect())
                     .unwrap_or_default();
-                let noise = if self.greedy {
-                    vec![0.0; out.len()]
-                } else {
-                    dws_models::flow::normal(rng, out.len())
-                };
-                Action::Continuous(
-                    out.iter()
-                        .zip(&noise)
-                        .zip(&std)
-                        .map(|((m, z), s)| (m + s * z).clamp(*low, *high))
-                        .collect(),
-                )
+                out.chunks_exact(width)
+                    .map(|mean| {
+                        let noise = if self.greedy {
+                            vec![0.0; width]
+                        } else {
+                            dws_models::flow::normal(rng, width)
+                        };
+                        Action::Continuous(
+                            mean.iter()
+                                .zip(&noise)
+                                .zip(&std)
+                                .map(|((m, z), s)| (m + s * z).clamp(*low, *high))
+                                .collect(),
+                        )
+                    })
+                    .collect()
             }
-        })
+        }
+    }
+}
+
+impl<B: Backend> dws_envs::Policy for PpoPolicy<B>
+where
+    ActorCritic<B>: Send,
+    B::Device: Send,
+{
+    fn act(&mut self, env: &dyn dws_envs::Env, rng: &mut ChaCha8Rng) -> dws_envs::Result<Action> {
+        Ok(self.act_frames(env.obs(), 1, rng).remove(0))
     }
 }

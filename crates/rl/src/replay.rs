@@ -89,6 +89,38 @@ impl Chunk {
         }
     }
 
+    /// A recorded episode as a chunk of one env: its steps, and its last frame as the
+    /// frame it ended at. `None` for an episode without steps.
+    pub fn from_episode(ep: &dws_data::Episode, iteration: usize) -> Option<Self> {
+        let t = ep.steps();
+        if t == 0 {
+            return None;
+        }
+        let f = ep.frame_len();
+        let actions = match &ep.actions {
+            dws_data::Actions::Discrete(ids) => ids.iter().map(|&a| a as f32).collect(),
+            dws_data::Actions::Continuous { data, .. } => data.clone(),
+        };
+        let dones: Vec<bool> = (0..t)
+            .map(|k| ep.terminated[k] > 0 || ep.truncated[k] > 0)
+            .collect();
+        Some(Self {
+            iteration,
+            num_envs: 1,
+            num_steps: t,
+            obs: ep.frames[..t * f].to_vec(),
+            actions,
+            rewards: ep.rewards.clone(),
+            terminated: ep.terminated.iter().map(|&d| d > 0).collect(),
+            ends: if dones[t - 1] {
+                vec![(t - 1, ep.frame(t).to_vec())]
+            } else {
+                Vec::new()
+            },
+            dones,
+        })
+    }
+
     fn frame_len(&self) -> usize {
         self.obs.len() / (self.num_steps * self.num_envs).max(1)
     }

@@ -98,6 +98,13 @@ impl<B: Backend> FlowSim<B> {
     }
 }
 
+impl<B: Backend> FlowSim<B> {
+    /// Restarts the sampling noise from `seed`.
+    pub fn reseed(&mut self, seed: u64) {
+        self.rng = ChaCha8Rng::seed_from_u64(seed);
+    }
+}
+
 impl<B: Backend> WorldModel for FlowSim<B> {
     fn spec(&self) -> &EnvSpec {
         &self.spec

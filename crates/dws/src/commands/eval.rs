@@ -459,7 +459,8 @@ pub fn read_report(path: &Path) -> Result<EvalReport> {
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct CompareArgs {
-    /// Eval directories, runs (their `eval/`), or metrics.json files.
+    /// Eval directories, runs (their `eval/`), or metrics.json files; or `dws offline`
+    /// runs (the paper's Table 2: returns with and without world-model data).
     #[arg(required = true)]
     pub evals: Vec<PathBuf>,
     /// Where the table is written (Markdown).
@@ -469,6 +470,23 @@ pub struct CompareArgs {
 
 /// `dws compare`: one row per eval, printed and written as a Markdown table.
 pub fn compare(a: CompareArgs) -> Result<String> {
+    let offline: Vec<_> = a
+        .evals
+        .iter()
+        .map(|p| super::offline::read_summary(p))
+        .collect();
+    if offline.iter().any(Option::is_some) {
+        if let Some(i) = offline.iter().position(Option::is_none) {
+            anyhow::bail!(
+                "{} is not a finished dws offline run (no summary.json), unlike {}: compare                  offline runs with offline runs and evals with evals",
+                a.evals[i].display(),
+                a.evals[offline.iter().position(Option::is_some).expect("some")].display()
+            );
+        }
+        let runs: Vec<_> = offline.into_iter().flatten().collect();
+        let t = super::offline::table(&runs);
+        return write_table(&a.out, t);
+    }
     let reports = a
         .evals
         .iter()
@@ -529,11 +547,16 @@ pub fn compare(a: CompareArgs) -> Result<String> {
     for w in &warn {
         t += &format!("\n{w}\n");
     }
+    write_table(&a.out, t)
+}
+
+/// Prints a Markdown table and writes it to `out`.
+fn write_table(out: &Path, t: String) -> Result<String> {
     print!("{t}");
-    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::write(&a.out, &t).with_context(|| format!("writing {}", a.out.display()))?;
-    println!("wrote {}", a.out.display());
+    std::fs::write(out, &t).with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote {}", out.display());
     Ok(t)
 }

@@ -1,19 +1,25 @@
 //! Behaviour cloning: a policy trained to give the data's actions the highest
 //! probability (cross-entropy). The baseline of every offline-RL table.
 
-use super::{argmax_rows, bc_loss, net, to_vec, Batch, OfflineConfig};
+use super::{
+    argmax_rows, bc_loss, load_parts, net, save_parts, to_vec, Adapt, Algo, Batch, Learner,
+    OfflineConfig, Scores,
+};
 use crate::nets::{frames_to_input, QNet};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
+use crate::Result;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use dws_models::checkpoint::TrainState;
+use std::path::{Path, PathBuf};
 
 pub struct Bc<B: AutodiffBackend> {
     pub config: OfflineConfig,
     pub policy: QNet<B>,
-    optim: OptimizerAdaptor<Adam, QNet<B>, B>,
+    optim: Adapt<B>,
     side: usize,
     actions: usize,
+    steps: usize,
 }
 
 impl<B: AutodiffBackend> Bc<B> {
@@ -24,6 +30,7 @@ impl<B: AutodiffBackend> Bc<B> {
             config,
             side,
             actions,
+            steps: 0,
         }
     }
 
@@ -35,6 +42,7 @@ impl<B: AutodiffBackend> Bc<B> {
         let value = loss.clone().into_scalar().elem::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &self.policy);
         self.policy = self.optim.step(self.config.lr, self.policy.clone(), grads);
+        self.steps += 1;
         value
     }
 
@@ -43,5 +51,45 @@ impl<B: AutodiffBackend> Bc<B> {
         let device = self.policy.devices()[0].clone();
         let x = frames_to_input::<B>(frames, n, self.side, &device);
         argmax_rows(&to_vec(self.policy.forward(x)), self.actions)
+    }
+}
+
+impl<B: AutodiffBackend> Learner<B> for Bc<B> {
+    fn algo(&self) -> Algo {
+        Algo::Bc
+    }
+
+    fn train_step(&mut self, batch: &Batch) -> Vec<(&'static str, f32)> {
+        vec![("loss", self.step(batch))]
+    }
+
+    fn steps(&self) -> usize {
+        self.steps
+    }
+
+    fn scores(&self, frames: &[u8], n: usize) -> (Vec<f32>, Scores) {
+        let device = self.policy.devices()[0].clone();
+        let x = frames_to_input::<B>(frames, n, self.side, &device);
+        (to_vec(self.policy.forward(x)), Scores::Logits)
+    }
+
+    fn save(&self, run: &Path, state: &TrainState, keep_last: usize) -> Result<PathBuf> {
+        save_parts(
+            run,
+            vec![self.policy.clone()],
+            &[&self.optim],
+            state,
+            keep_last,
+        )
+    }
+
+    fn load(&mut self, ckpt: &Path) -> Result<()> {
+        let (mut nets, mut optims) = load_parts(ckpt, vec![self.policy.clone()], 1)?;
+        self.policy = nets.remove(0);
+        self.optim = optims.remove(0);
+        self.steps = dws_models::checkpoint::read_state(ckpt)
+            .map_err(crate::run::model_err)?
+            .step;
+        Ok(())
     }
 }

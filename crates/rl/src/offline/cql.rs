@@ -5,13 +5,18 @@
 //! keeps the values of actions the data never took from running away. The policy is
 //! greedy in Q.
 
-use super::{argmax_rows, cql_loss, gather_actions, net, to_vec, Batch, OfflineConfig};
+use super::{
+    argmax_rows, cql_loss, gather_actions, load_parts, net, save_parts, to_vec, Adapt, Algo, Batch,
+    Learner, OfflineConfig, Scores,
+};
 use crate::nets::{frames_to_input, QNet};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
+use crate::Result;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use dws_models::checkpoint::TrainState;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 
 /// Losses of one step.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -27,7 +32,7 @@ pub struct Cql<B: AutodiffBackend> {
     pub config: OfflineConfig,
     pub q: QNet<B>,
     target: QNet<B>,
-    optim: OptimizerAdaptor<Adam, QNet<B>, B>,
+    optim: Adapt<B>,
     side: usize,
     actions: usize,
     steps: usize,
@@ -89,5 +94,53 @@ impl<B: AutodiffBackend> Cql<B> {
         let device = self.q.devices()[0].clone();
         let x = frames_to_input::<B>(frames, n, self.side, &device);
         argmax_rows(&to_vec(self.q.forward(x)), self.actions)
+    }
+}
+
+impl<B: AutodiffBackend> Learner<B> for Cql<B> {
+    fn algo(&self) -> Algo {
+        Algo::Cql
+    }
+
+    fn train_step(&mut self, batch: &Batch) -> Vec<(&'static str, f32)> {
+        let s = self.step(batch);
+        vec![
+            ("loss", s.loss),
+            ("td", s.td),
+            ("conservative", s.conservative),
+            ("q_data", s.q_data),
+        ]
+    }
+
+    fn steps(&self) -> usize {
+        self.steps
+    }
+
+    fn scores(&self, frames: &[u8], n: usize) -> (Vec<f32>, Scores) {
+        let device = self.q.devices()[0].clone();
+        let x = frames_to_input::<B>(frames, n, self.side, &device);
+        (to_vec(self.q.forward(x)), Scores::QValues)
+    }
+
+    fn save(&self, run: &Path, state: &TrainState, keep_last: usize) -> Result<PathBuf> {
+        save_parts(
+            run,
+            vec![self.q.clone(), self.target.clone()],
+            &[&self.optim],
+            state,
+            keep_last,
+        )
+    }
+
+    fn load(&mut self, ckpt: &Path) -> Result<()> {
+        let (mut nets, mut optims) =
+            load_parts(ckpt, vec![self.q.clone(), self.target.clone()], 1)?;
+        self.target = nets.pop().expect("two networks");
+        self.q = nets.pop().expect("two networks");
+        self.optim = optims.remove(0);
+        self.steps = dws_models::checkpoint::read_state(ckpt)
+            .map_err(crate::run::model_err)?
+            .step;
+        Ok(())
     }
 }

@@ -5,15 +5,17 @@
 //! of an action outside the data is ever queried.
 
 use super::{
-    argmax_rows, awr_policy_loss, gather_actions, iql_q_loss, iql_value_loss, net, to_vec, Batch,
-    OfflineConfig,
+    argmax_rows, awr_policy_loss, gather_actions, iql_q_loss, iql_value_loss, load_parts, net,
+    save_parts, to_vec, Adapt, Algo, Batch, Learner, OfflineConfig, Scores,
 };
 use crate::nets::{frames_to_input, QNet};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
+use crate::Result;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use dws_models::checkpoint::TrainState;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 
 /// Losses of one step.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -25,8 +27,6 @@ pub struct IqlStats {
     pub value: f32,
     pub advantage: f32,
 }
-
-type Adapt<B> = OptimizerAdaptor<Adam, QNet<B>, B>;
 
 pub struct Iql<B: AutodiffBackend> {
     pub config: OfflineConfig,
@@ -133,5 +133,69 @@ impl<B: AutodiffBackend> Iql<B> {
         let device = self.policy.devices()[0].clone();
         let x = frames_to_input::<B>(frames, n, self.side, &device);
         argmax_rows(&to_vec(self.policy.forward(x)), self.actions)
+    }
+}
+
+impl<B: AutodiffBackend> Iql<B> {
+    /// The networks in checkpoint order.
+    fn nets(&self) -> Vec<QNet<B>> {
+        vec![
+            self.q1.clone(),
+            self.q2.clone(),
+            self.target1.clone(),
+            self.target2.clone(),
+            self.value.clone(),
+            self.policy.clone(),
+        ]
+    }
+}
+
+impl<B: AutodiffBackend> Learner<B> for Iql<B> {
+    fn algo(&self) -> Algo {
+        Algo::Iql
+    }
+
+    fn train_step(&mut self, batch: &Batch) -> Vec<(&'static str, f32)> {
+        let s = self.step(batch);
+        vec![
+            ("value_loss", s.value_loss),
+            ("q_loss", s.q_loss),
+            ("policy_loss", s.policy_loss),
+            ("value", s.value),
+            ("advantage", s.advantage),
+        ]
+    }
+
+    fn steps(&self) -> usize {
+        self.steps
+    }
+
+    fn scores(&self, frames: &[u8], n: usize) -> (Vec<f32>, Scores) {
+        let device = self.policy.devices()[0].clone();
+        let x = frames_to_input::<B>(frames, n, self.side, &device);
+        (to_vec(self.policy.forward(x)), Scores::Logits)
+    }
+
+    fn save(&self, run: &Path, state: &TrainState, keep_last: usize) -> Result<PathBuf> {
+        let optims: Vec<&Adapt<B>> = self.optims.iter().collect();
+        save_parts(run, self.nets(), &optims, state, keep_last)
+    }
+
+    fn load(&mut self, ckpt: &Path) -> Result<()> {
+        let (nets, optims) = load_parts(ckpt, self.nets(), 4)?;
+        let [q1, q2, t1, t2, value, policy]: [QNet<B>; 6] = match nets.try_into() {
+            Ok(n) => n,
+            Err(_) => unreachable!("load_parts checks the count"),
+        };
+        (self.q1, self.q2, self.target1, self.target2) = (q1, q2, t1, t2);
+        (self.value, self.policy) = (value, policy);
+        self.optims = match optims.try_into() {
+            Ok(o) => o,
+            Err(_) => unreachable!("load_parts checks the count"),
+        };
+        self.steps = dws_models::checkpoint::read_state(ckpt)
+            .map_err(crate::run::model_err)?
+            .step;
+        Ok(())
     }
 }
