@@ -283,6 +283,9 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "Train an agent in a real game: `dws ppo --env procgen:coinrun`; inside the world simulator as well: `dws mbrl --env push --preset debug --steps 640` (seconds; README, `dws mbrl`, for CoinRun)."
     );
+    println!(
+        "Offline RL with world-model data (the paper's Table 2): `dws imagine` and `dws offline` (README, `dws imagine`, `dws offline`)."
+    );
     if !cfg!(feature = "atari") {
         println!(
             "Atari is left out of this build; add `--features atari` (needs cmake) to include it."
