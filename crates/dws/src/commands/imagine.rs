@@ -356,6 +356,8 @@ impl Job for ImagineJob {
     type Out = u64;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<u64> {
         let a = self.args;
+        // Fresh networks (reward model, BC policy) start from seeded weights.
+        B::seed(&device, a.seed);
         ensure!(a.transitions > 0, "--transitions must be at least 1");
         ensure!(
             a.horizon > 0 && a.batch > 0,
@@ -589,7 +591,7 @@ impl Job for ImagineJob {
         let ends = m.episodes.iter().filter(|e| e.terminated).count() as f32 / steps;
         let preview = a.out.join("preview.png");
         super::dataset::preview(
-            &[a.out.clone()],
+            std::slice::from_ref(&a.out),
             &preview,
             &dws_data::PreviewOptions::default(),
         )?;

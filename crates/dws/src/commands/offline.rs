@@ -357,6 +357,8 @@ impl Job for OfflineJob {
         }
         fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)?;
         let data = Mixture::new(real, imagined, real_share)?;
+        // Fresh networks start from seeded weights.
+        B::seed(&device, args.seed);
         let mut learner = args
             .algo
             .learner::<B>(offline.clone(), h, n_actions, &device);

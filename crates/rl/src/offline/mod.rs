@@ -479,13 +479,16 @@ pub(crate) fn save_parts<B: AutodiffBackend>(
         .map_err(crate::run::model_err)
 }
 
+/// Networks and their optimisers, as a checkpoint restores them.
+type Parts<B> = (Vec<QNet<B>>, Vec<Adapt<B>>);
+
 /// Reads a checkpoint written by [`save_parts`] into skeletons of the same shapes;
 /// returns the networks and the optimisers.
 pub(crate) fn load_parts<B: AutodiffBackend>(
     ckpt: &Path,
     nets: Vec<QNet<B>>,
     optims: usize,
-) -> Result<(Vec<QNet<B>>, Vec<Adapt<B>>)> {
+) -> Result<Parts<B>> {
     use burn::optim::{AdamConfig, Optimizer};
     let device = nets[0].devices()[0].clone();
     let want = nets.len();
