@@ -5,7 +5,8 @@
 //! - [`embedders`]: language-template (MiniLM), linear and table action embedders;
 //! - [`motion_loss`]: the motion-reinforced weights (paper eqs. 2-3);
 //! - [`flow`]: rectified-flow loss, Euler sampler, autoregressive rollout;
-//! - [`minilm`]: the all-MiniLM-L6-v2 text encoder.
+//! - [`minilm`]: the all-MiniLM-L6-v2 text encoder;
+//! - [`vq`]: the VQ frame tokenizer of the autoregressive (iVideoGPT) family.
 //!
 //! Model code is generic over burn's `Backend`; the binary picks CPU (Flex) or CUDA.
 
@@ -18,6 +19,7 @@ pub mod minilm;
 pub mod motion_loss;
 pub mod reward;
 pub mod train;
+pub mod vq;
 
 use std::path::PathBuf;
 
