@@ -50,6 +50,9 @@ enum Command {
     /// Offline RL (BC, CQL, IQL) from recorded and imagined transitions, evaluated in the
     /// real env on training and unseen levels.
     Offline(commands::offline::OfflineArgs),
+    /// The VQ frame tokenizer of the autoregressive backbone: train it, score it.
+    #[command(subcommand)]
+    Tokenizer(commands::tokenizer::Command),
     /// Score a model on held-out clips (PSNR, SSIM, LPIPS, FVD) beside the repeat-last-frame
     /// reference; writes metrics.json, plots, GIFs and an HTML report.
     Eval(commands::eval::EvalArgs),
@@ -112,6 +115,7 @@ fn main() {
         Command::Mbrl(a) => commands::mbrl::mbrl(a).map(|_| ()),
         Command::Imagine(a) => commands::imagine::imagine(a).map(|_| ()),
         Command::Offline(a) => commands::offline::offline(a).map(|_| ()),
+        Command::Tokenizer(c) => commands::tokenizer::run(c),
         Command::Eval(a) => commands::eval::eval(a).map(|_| ()),
         Command::Compare(a) => commands::eval::compare(a).map(|_| ()),
         Command::Metrics(c) => commands::metrics::run(c),

@@ -149,6 +149,14 @@ pub struct RunOptions<'a> {
     pub on_step: &'a mut dyn FnMut(&StepLog),
 }
 
+/// Options of one invocation of a training loop without frozen parts.
+pub struct RunOptionsLite<'a, L> {
+    pub resume: bool,
+    /// Stop after this many steps of this invocation (the last step is checkpointed).
+    pub stop_after: Option<usize>,
+    pub on_step: &'a mut dyn FnMut(&L),
+}
+
 /// Trains `world` (whose frozen parts are already marked) on `data`, writing metrics and
 /// checkpoints into `run`. With `resume`, continues from the newest checkpoint there.
 pub fn train<B: AutodiffBackend>(

@@ -137,6 +137,7 @@ impl VqConfig {
             up,
             dec_out: conv(c[0], 3, 3, device),
             commitment: self.commitment,
+            image_size: self.image_size,
         }
     }
 }
@@ -220,6 +221,7 @@ pub struct VqTokenizer<B: Backend> {
     up: Vec<Conv2d<B>>,
     dec_out: Conv2d<B>,
     commitment: f32,
+    image_size: usize,
 }
 
 /// What one pass through the tokenizer gives.
@@ -361,4 +363,224 @@ impl<B: Backend> VqTokenizer<B> {
             ..self
         }
     }
+}
+
+/// Optimisation settings of `dws tokenizer train`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VqTrainConfig {
+    pub steps: usize,
+    /// Frames per step.
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub grad_clip: f32,
+    /// Steps between dead-code restarts: codes no frame used since the last restart move
+    /// onto encoder outputs of the current batch.
+    pub restart_every: usize,
+    pub seed: u64,
+    /// Steps between checkpoints (a multiple of `restart_every`, so a resumed run
+    /// restarts codes where an uninterrupted one does).
+    pub checkpoint_every: usize,
+    pub keep_last: usize,
+}
+
+impl VqTrainConfig {
+    pub fn debug() -> Self {
+        Self {
+            steps: 20,
+            batch: 4,
+            lr: 2e-3,
+            warmup: 2,
+            grad_clip: 1.0,
+            restart_every: 5,
+            seed: 0,
+            checkpoint_every: 10,
+            keep_last: 2,
+        }
+    }
+
+    pub fn small() -> Self {
+        Self {
+            steps: 3000,
+            batch: 16,
+            lr: 1e-3,
+            warmup: 100,
+            grad_clip: 1.0,
+            restart_every: 50,
+            seed: 0,
+            checkpoint_every: 250,
+            keep_last: 2,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch == 0 || self.restart_every == 0 || self.checkpoint_every == 0 {
+            return Err("batch, restart_every and checkpoint_every must be at least 1".into());
+        }
+        if !self.checkpoint_every.is_multiple_of(self.restart_every) {
+            return Err(format!(
+                "checkpoint_every ({}) must be a multiple of restart_every ({})",
+                self.checkpoint_every, self.restart_every
+            ));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err("lr must be positive".into());
+        }
+        Ok(())
+    }
+
+    fn lr_at(&self, step: usize) -> f64 {
+        if self.warmup > 0 && step < self.warmup {
+            self.lr * (step + 1) as f64 / self.warmup as f64
+        } else {
+            self.lr
+        }
+    }
+}
+
+/// One logged tokenizer step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VqStepLog {
+    pub step: usize,
+    /// Reconstruction MSE (frames in [-1, 1]) plus the quantiser's loss.
+    pub loss: f32,
+    pub recon_mse: f32,
+    /// PSNR of the batch's reconstructions (data range 1).
+    pub psnr: f32,
+    /// Codes restarted at this step.
+    #[serde(default)]
+    pub restarted: usize,
+    pub lr: f64,
+    pub steps_per_s: f64,
+}
+
+/// PSNR (data range 1) of a mean squared error measured in [-1, 1].
+pub fn psnr_of_mse(mse: f32) -> f32 {
+    // A range of 2 has 4 times the squared error of a range of 1.
+    let mse01 = (mse / 4.0).max(1e-10);
+    -10.0 * mse01.log10()
+}
+
+/// Trains `vq` on frames drawn by `sample` (u8 `[B, H, W, 3]` for a batch size and a
+/// random stream) into `run`: JSON-lines metrics, checkpoints, exact resume.
+pub fn train_tokenizer<B: burn::tensor::backend::AutodiffBackend>(
+    run: &std::path::Path,
+    mut vq: VqTokenizer<B>,
+    cfg: &VqTrainConfig,
+    sample: &mut dyn FnMut(usize, &mut rand_chacha::ChaCha8Rng) -> Vec<u8>,
+    opts: crate::train::RunOptionsLite<'_, VqStepLog>,
+) -> crate::Result<VqTokenizer<B>> {
+    use crate::checkpoint::{self, TrainState};
+    use crate::ModelError;
+    use burn::grad_clipping::GradientClippingConfig;
+    use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+    use rand::{Rng, SeedableRng};
+    use std::io::Write;
+    let device = vq.devices()[0].clone();
+    let mut optim = AdamConfig::new()
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.grad_clip)))
+        .init::<B, VqTokenizer<B>>();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+    let metrics = run.join("metrics.jsonl");
+    let io = |e: std::io::Error| ModelError::Io {
+        path: metrics.clone(),
+        source: e,
+    };
+    let mut start = 0;
+    match (opts.resume, checkpoint::latest(run)) {
+        (true, Some(ckpt)) => {
+            let state = checkpoint::read_state(&ckpt)?;
+            vq = checkpoint::load_model(vq, &ckpt, &device)?;
+            optim = optim.load_record(checkpoint::load_optim(&ckpt, &device)?);
+            rng = rand_chacha::ChaCha8Rng::seed_from_u64(state.rng_seed);
+            rng.set_word_pos(state.rng_word_pos);
+            start = state.step;
+            crate::train::truncate_log::<VqStepLog>(&metrics, |e| e.step <= start).map_err(io)?;
+        }
+        _ => {
+            if metrics.exists() {
+                std::fs::remove_file(&metrics).map_err(io)?;
+            }
+        }
+    }
+    std::fs::create_dir_all(run).map_err(|e| ModelError::Io {
+        path: run.to_path_buf(),
+        source: e,
+    })?;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics)
+        .map_err(io)?;
+    let k = vq.codebook_size();
+    let mut used = vec![false; k];
+    let end = opts
+        .stop_after
+        .map_or(cfg.steps, |n| (start + n).min(cfg.steps));
+    let started = std::time::Instant::now();
+    let side = vq.image_size;
+    for step in start..end {
+        let frames = sample(cfg.batch, &mut rng);
+        let x = crate::flow::frames_to_tensor::<B>(&frames, [cfg.batch, 1, side, side, 3], &device)
+            .reshape([cfg.batch, 3, side, side]);
+        let out = vq.forward(x.clone());
+        let recon = (out.recon - x).powi_scalar(2).mean();
+        let recon_mse: f32 = recon.clone().into_scalar().elem();
+        let loss = recon + out.vq_loss;
+        let value: f32 = loss.clone().into_scalar().elem();
+        if !value.is_finite() {
+            return Err(ModelError::Invalid(format!(
+                "the tokenizer's loss became {value} at step {}; lower the learning rate",
+                step + 1
+            )));
+        }
+        let ids: Vec<i64> = out
+            .tokens
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .expect("ids");
+        for &t in &ids {
+            used[t as usize] = true;
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &vq);
+        let lr = cfg.lr_at(step);
+        vq = optim.step(lr, vq, grads);
+        let mut restarted = 0;
+        if (step + 1).is_multiple_of(cfg.restart_every) {
+            let dead: Vec<usize> = (0..k).filter(|&c| !used[c]).collect();
+            let n = out.latents.dims()[0];
+            let rows: Vec<usize> = (0..dead.len()).map(|_| rng.gen_range(0..n)).collect();
+            restarted = dead.len();
+            vq = vq.restart_codes(&dead, out.latents, &rows);
+            used.iter_mut().for_each(|u| *u = false);
+        }
+        let entry = VqStepLog {
+            step: step + 1,
+            loss: value,
+            recon_mse,
+            psnr: psnr_of_mse(recon_mse),
+            restarted,
+            lr,
+            steps_per_s: (step + 1 - start) as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        };
+        writeln!(
+            log,
+            "{}",
+            serde_json::to_string(&entry).expect("serialises")
+        )
+        .map_err(io)?;
+        (opts.on_step)(&entry);
+        if (step + 1).is_multiple_of(cfg.checkpoint_every) || step + 1 == end {
+            let state = TrainState {
+                step: step + 1,
+                rng_seed: cfg.seed,
+                rng_word_pos: rng.get_word_pos(),
+                last_loss: value,
+            };
+            checkpoint::save::<B, _>(run, &vq, optim.to_record(), &state, cfg.keep_last)?;
+        }
+    }
+    Ok(vq)
 }

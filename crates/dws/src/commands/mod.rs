@@ -14,4 +14,5 @@ pub mod play;
 pub mod ppo;
 pub mod predict;
 pub mod quickstart;
+pub mod tokenizer;
 pub mod world;
