@@ -222,6 +222,10 @@ fn reward_model<B: AutodiffBackend>(
             replay.push(c);
         }
     }
+    println!(
+        "training the reward model: {steps} steps on {} transitions",
+        replay.steps()
+    );
     let mut trainer = RewardTrainer::new(cfg.init::<B>(device));
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7e3a_d001);
     let bar = crate::progress::bar(steps as u64, "steps");
@@ -303,6 +307,10 @@ fn bc_policy<B: AutodiffBackend>(
         return offline_learner::<B>(&dir, n, side, device);
     }
     let set = TransitionSet::new(episodes.to_vec())?;
+    println!(
+        "training the behaviour-cloning policy: {steps} steps on {} transitions",
+        set.len()
+    );
     let mut bc = Bc::<B>::new(config.clone(), side, n, device);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xbc);
     let bar = crate::progress::bar(steps as u64, "steps");

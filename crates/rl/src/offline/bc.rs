@@ -2,10 +2,10 @@
 //! probability (cross-entropy). The baseline of every offline-RL table.
 
 use super::{
-    argmax_rows, bc_loss, load_parts, net, save_parts, to_vec, Adapt, Algo, Batch, Learner,
-    OfflineConfig, Scores,
+    argmax_rows, bc_loss, load_parts, net, outputs, save_parts, saved_step, Adapt, Algo, Batch,
+    Learner, OfflineConfig, Scores,
 };
-use crate::nets::{frames_to_input, QNet};
+use crate::nets::QNet;
 use crate::Result;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
@@ -48,9 +48,7 @@ impl<B: AutodiffBackend> Bc<B> {
 
     /// The most likely action per frame `[n, H, W, 3]`.
     pub fn act(&self, frames: &[u8], n: usize) -> Vec<u32> {
-        let device = self.policy.devices()[0].clone();
-        let x = frames_to_input::<B>(frames, n, self.side, &device);
-        argmax_rows(&to_vec(self.policy.forward(x)), self.actions)
+        argmax_rows(&outputs(&self.policy, frames, n, self.side), self.actions)
     }
 }
 
@@ -68,9 +66,7 @@ impl<B: AutodiffBackend> Learner<B> for Bc<B> {
     }
 
     fn scores(&self, frames: &[u8], n: usize) -> (Vec<f32>, Scores) {
-        let device = self.policy.devices()[0].clone();
-        let x = frames_to_input::<B>(frames, n, self.side, &device);
-        (to_vec(self.policy.forward(x)), Scores::Logits)
+        (outputs(&self.policy, frames, n, self.side), Scores::Logits)
     }
 
     fn save(&self, run: &Path, state: &TrainState, keep_last: usize) -> Result<PathBuf> {
@@ -87,9 +83,7 @@ impl<B: AutodiffBackend> Learner<B> for Bc<B> {
         let (mut nets, mut optims) = load_parts(ckpt, vec![self.policy.clone()], 1)?;
         self.policy = nets.remove(0);
         self.optim = optims.remove(0);
-        self.steps = dws_models::checkpoint::read_state(ckpt)
-            .map_err(crate::run::model_err)?
-            .step;
+        self.steps = saved_step(ckpt)?;
         Ok(())
     }
 }

@@ -6,10 +6,10 @@
 //! greedy in Q.
 
 use super::{
-    argmax_rows, cql_loss, gather_actions, load_parts, net, save_parts, to_vec, Adapt, Algo, Batch,
-    Learner, OfflineConfig, Scores,
+    argmax_rows, cql_loss, gather_actions, load_parts, net, outputs, save_parts, saved_step,
+    to_vec, Adapt, Algo, Batch, Learner, OfflineConfig, Scores,
 };
-use crate::nets::{frames_to_input, QNet};
+use crate::nets::QNet;
 use crate::Result;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
@@ -91,9 +91,7 @@ impl<B: AutodiffBackend> Cql<B> {
 
     /// The greedy action per frame `[n, H, W, 3]`.
     pub fn act(&self, frames: &[u8], n: usize) -> Vec<u32> {
-        let device = self.q.devices()[0].clone();
-        let x = frames_to_input::<B>(frames, n, self.side, &device);
-        argmax_rows(&to_vec(self.q.forward(x)), self.actions)
+        argmax_rows(&outputs(&self.q, frames, n, self.side), self.actions)
     }
 }
 
@@ -117,9 +115,7 @@ impl<B: AutodiffBackend> Learner<B> for Cql<B> {
     }
 
     fn scores(&self, frames: &[u8], n: usize) -> (Vec<f32>, Scores) {
-        let device = self.q.devices()[0].clone();
-        let x = frames_to_input::<B>(frames, n, self.side, &device);
-        (to_vec(self.q.forward(x)), Scores::QValues)
+        (outputs(&self.q, frames, n, self.side), Scores::QValues)
     }
 
     fn save(&self, run: &Path, state: &TrainState, keep_last: usize) -> Result<PathBuf> {
@@ -138,9 +134,7 @@ impl<B: AutodiffBackend> Learner<B> for Cql<B> {
         self.target = nets.pop().expect("two networks");
         self.q = nets.pop().expect("two networks");
         self.optim = optims.remove(0);
-        self.steps = dws_models::checkpoint::read_state(ckpt)
-            .map_err(crate::run::model_err)?
-            .step;
+        self.steps = saved_step(ckpt)?;
         Ok(())
     }
 }

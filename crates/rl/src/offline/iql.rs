@@ -6,9 +6,9 @@
 
 use super::{
     argmax_rows, awr_policy_loss, gather_actions, iql_q_loss, iql_value_loss, load_parts, net,
-    save_parts, to_vec, Adapt, Algo, Batch, Learner, OfflineConfig, Scores,
+    outputs, save_parts, saved_step, Adapt, Algo, Batch, Learner, OfflineConfig, Scores,
 };
-use crate::nets::{frames_to_input, QNet};
+use crate::nets::QNet;
 use crate::Result;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
@@ -130,9 +130,7 @@ impl<B: AutodiffBackend> Iql<B> {
 
     /// The policy's most likely action per frame `[n, H, W, 3]`.
     pub fn act(&self, frames: &[u8], n: usize) -> Vec<u32> {
-        let device = self.policy.devices()[0].clone();
-        let x = frames_to_input::<B>(frames, n, self.side, &device);
-        argmax_rows(&to_vec(self.policy.forward(x)), self.actions)
+        argmax_rows(&outputs(&self.policy, frames, n, self.side), self.actions)
     }
 }
 
@@ -171,9 +169,7 @@ impl<B: AutodiffBackend> Learner<B> for Iql<B> {
     }
 
     fn scores(&self, frames: &[u8], n: usize) -> (Vec<f32>, Scores) {
-        let device = self.policy.devices()[0].clone();
-        let x = frames_to_input::<B>(frames, n, self.side, &device);
-        (to_vec(self.policy.forward(x)), Scores::Logits)
+        (outputs(&self.policy, frames, n, self.side), Scores::Logits)
     }
 
     fn save(&self, run: &Path, state: &TrainState, keep_last: usize) -> Result<PathBuf> {
@@ -193,9 +189,7 @@ impl<B: AutodiffBackend> Learner<B> for Iql<B> {
             Ok(o) => o,
             Err(_) => unreachable!("load_parts checks the count"),
         };
-        self.steps = dws_models::checkpoint::read_state(ckpt)
-            .map_err(crate::run::model_err)?
-            .step;
+        self.steps = saved_step(ckpt)?;
         Ok(())
     }
 }

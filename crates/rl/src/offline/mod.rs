@@ -457,6 +457,19 @@ fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().expect("f32")
 }
 
+/// A network's outputs `[n, A]` for frames `[n, H, W, 3]`.
+fn outputs<B: Backend>(net: &QNet<B>, frames: &[u8], n: usize, side: usize) -> Vec<f32> {
+    let device = net.devices()[0].clone();
+    to_vec(net.forward(frames_to_input::<B>(frames, n, side, &device)))
+}
+
+/// The gradient step a checkpoint was written at.
+fn saved_step(ckpt: &Path) -> Result<usize> {
+    Ok(dws_models::checkpoint::read_state(ckpt)
+        .map_err(crate::run::model_err)?
+        .step)
+}
+
 /// A network of `outputs` units for `side`-pixel frames.
 fn net<B: Backend>(
     config: &OfflineConfig,
