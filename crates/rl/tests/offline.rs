@@ -241,3 +241,41 @@ mod learners {
         assert!((b - 3f32.ln()).abs() < 0.15, "BC loss {b}");
     }
 }
+
+mod mixture {
+    use dws_data::{ActionSpace, Episode};
+    use dws_rl::offline::{Mixture, TransitionSet};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    /// `n` one-step episodes whose frames are all `value`.
+    fn set(n: usize, value: u8) -> TransitionSet {
+        let space = ActionSpace::Discrete { n: 2 };
+        let frame = vec![value; 4 * 4 * 3];
+        TransitionSet::new(
+            (0..n)
+                .map(|_| {
+                    let mut e = Episode::new(&frame, [4, 4, 3], &space);
+                    e.push_discrete(1, 0.0, true, false, &frame);
+                    e
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn batches_hold_the_real_share_and_the_rest_imagined() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mix = Mixture::new(set(5, 10), Some(set(50, 200)), 0.75).unwrap();
+        let b = mix.sample(64, &mut rng);
+        assert_eq!(b.len(), 64);
+        let real = b.obs.chunks_exact(48).filter(|f| f[0] == 10).count();
+        assert_eq!(real, 48, "three quarters of 64 from the real set");
+        // Without imagined data every transition is real, whatever the share asked.
+        let only = Mixture::new(set(5, 10), None, 0.3).unwrap();
+        assert!(only.sample(16, &mut rng).obs.iter().all(|&v| v == 10));
+        // A share that leaves no room for imagined data is refused.
+        assert!(Mixture::new(set(5, 10), Some(set(5, 200)), 1.0).is_err());
+    }
+}

@@ -603,13 +603,19 @@ impl Job for ImagineJob {
             &preview,
             &dws_data::PreviewOptions::default(),
         )?;
+        let rate = if made > 0 {
+            format!(
+                "{made} made now, {:.1} transitions/s",
+                made as f64 / started.elapsed().as_secs_f64().max(1e-9)
+            )
+        } else {
+            "all there before".to_string()
+        };
         println!(
-            "{} imagined transitions in {} episodes ({made} made now, {:.1} transitions/s); reward \
-             per step {reward_per_step:.4} (real data {real_reward:.4}), episode ends per step \
-             {ends:.4} (real {real_ends:.4})",
-            m.num_steps,
-            m.num_episodes,
-            made as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            "{} imagined transitions in {} episodes ({rate}); reward per step \
+             {reward_per_step:.4} (real data {real_reward:.4}), episode ends per step {ends:.4} \
+             (real {real_ends:.4})",
+            m.num_steps, m.num_episodes,
         );
         println!(
             "wrote {} (an episode dataset marked imagined: `dws dataset info {}`), {}",
