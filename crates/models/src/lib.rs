@@ -6,11 +6,13 @@
 //! - [`motion_loss`]: the motion-reinforced weights (paper eqs. 2-3);
 //! - [`flow`]: rectified-flow loss, Euler sampler, autoregressive rollout;
 //! - [`minilm`]: the all-MiniLM-L6-v2 text encoder;
-//! - [`vq`]: the VQ frame tokenizer of the autoregressive (iVideoGPT) family.
+//! - [`vq`] and [`ar`]: the VQ frame tokenizer and the LLaMA-style token transformer of
+//!   the autoregressive (iVideoGPT) family.
 //!
 //! Model code is generic over burn's `Backend`; the binary picks CPU (Flex) or CUDA.
 
 pub mod action_module;
+pub mod ar;
 pub mod checkpoint;
 pub mod embedders;
 pub mod flow;
