@@ -59,6 +59,19 @@ impl ArConfig {
         }
     }
 
+    /// Two CPU cores: width 128, 4 blocks of 4 heads, a window of 4 frames.
+    pub fn small(vocab: usize, tokens_per_frame: usize) -> Self {
+        Self {
+            vocab,
+            tokens_per_frame,
+            max_frames: 4,
+            width: 128,
+            depth: 4,
+            heads: 4,
+            mlp_hidden: 344,
+        }
+    }
+
     pub fn max_len(&self) -> usize {
         self.max_frames * self.tokens_per_frame
     }

@@ -102,10 +102,14 @@ pub enum Command {
         device: crate::device::DeviceArg,
     },
     /// Imagined frames per second: batched autoregressive rollout with the preset's
-    /// sampler steps.
+    /// sampler steps (flow), or token by token with and without the key/value cache
+    /// (ar: VQ tokenizer and token transformer of the `small` sizes, random weights).
     Imagine {
         #[arg(long, default_value = "small")]
         preset: String,
+        /// flow or ar.
+        #[arg(long, default_value = "flow")]
+        backbone: String,
         #[arg(long, default_value_t = 32)]
         batch: usize,
         /// Frames imagined per rollout (after 1 context frame).
@@ -280,6 +284,70 @@ impl TrainBench {
             }
         }
         Ok(times.iter().sum::<f64>() / times.len().max(1) as f64)
+    }
+}
+
+/// `bench imagine --backbone ar`: frames/s of token-by-token generation (one context
+/// frame, `frames` new ones) at the `small` sizes, with and without the key/value cache,
+/// tokenizer encode and decode included.
+struct ArImagineBench {
+    batch: usize,
+    frames: usize,
+}
+
+impl crate::device::Job for ArImagineBench {
+    type Out = ();
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        use dws_models::ar::{generate, ArConfig, Sampling};
+        use dws_models::vq::VqConfig;
+        let vq_cfg = VqConfig::small();
+        let vq = vq_cfg.init::<B::InnerBackend>(&device);
+        let cfg = ArConfig::small(vq_cfg.codebook_size, vq_cfg.tokens_per_frame());
+        let model = cfg.init::<B::InnerBackend>(&device);
+        let frames = self.frames.clamp(1, cfg.max_frames - 1);
+        if frames != self.frames {
+            eprintln!(
+                "the `small` window holds {} frames: imagining {frames} after the context frame",
+                cfg.max_frames
+            );
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let clips = random_clips(self.batch, 1, &mut rng);
+        let side = vq_cfg.image_size;
+        let x = dws_models::flow::frames_to_tensor::<B::InnerBackend>(
+            &clips.frames,
+            [self.batch, 1, side, side, 3],
+            &device,
+        )
+        .reshape([self.batch, 3, side, side]);
+        let sampling = Sampling {
+            temperature: 1.0,
+            top_k: 100,
+        };
+        for cached in [true, false] {
+            let started = Instant::now();
+            let prefix = vq.encode(x.clone());
+            let new = generate(&model, prefix, frames, None, sampling, cached, &mut rng);
+            let n = vq_cfg.tokens_per_frame();
+            for f in 0..frames {
+                let _ = vq.decode(new.clone().narrow(1, f * n, n)).into_data();
+            }
+            let secs = started.elapsed().as_secs_f64();
+            emit(
+                &format!(
+                    "imagine/ar-small/{}/frames_per_s",
+                    if cached { "kv_cache" } else { "no_cache" }
+                ),
+                (self.batch * frames) as f64 / secs,
+                "frames/s",
+            );
+        }
+        emit(
+            "imagine/ar-small/tokens_per_frame",
+            vq_cfg.tokens_per_frame() as f64,
+            "tokens",
+        );
+        Ok(())
     }
 }
 
@@ -552,10 +620,21 @@ pub fn run(cmd: Command) -> Result<()> {
             },
         )?,
         Command::Imagine {
+            backbone,
+            batch,
+            frames,
+            device,
+            ..
+        } if backbone == "ar" => crate::device::dispatch(device, ArImagineBench { batch, frames })?,
+        Command::Imagine { backbone, .. } if backbone != "flow" => {
+            anyhow::bail!("unknown --backbone `{backbone}`: flow or ar")
+        }
+        Command::Imagine {
             preset,
             batch,
             frames,
             device,
+            ..
         } => crate::device::dispatch(
             device,
             ImagineBench {
