@@ -11,6 +11,7 @@ use super::{
 };
 use crate::nets::QNet;
 use crate::Result;
+use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
@@ -57,16 +58,24 @@ impl<B: AutodiffBackend> Cql<B> {
         let device = self.q.devices()[0].clone();
         let n = batch.len();
         let (obs, next, actions, rewards, dones) = batch.tensors::<B>(self.side, &device);
-        // Double DQN: the online network picks, the target network values.
-        let pick = argmax_rows(&to_vec(self.q.forward(next.clone())), self.actions);
-        let pick = Tensor::<B, 1, Int>::from_data(
+        // Double DQN: the online network picks, the target network values (on the
+        // inner backend: no autodiff graph is built for what is not trained).
+        let next_inner = next.inner();
+        let pick = argmax_rows(
+            &to_vec(self.q.valid().forward(next_inner.clone())),
+            self.actions,
+        );
+        let pick = Tensor::<B::InnerBackend, 1, Int>::from_data(
             TensorData::new(pick.iter().map(|&a| a as i64).collect::<Vec<_>>(), [n]),
             &device,
         );
-        let next_value = gather_actions(self.target.forward(next), pick).detach();
+        let next_value = Tensor::<B, 1>::from_inner(gather_actions(
+            self.target.valid().forward(next_inner),
+            pick,
+        ));
         let targets = rewards + (dones.neg() + 1.0) * next_value * self.config.gamma;
         let q = self.q.forward(obs);
-        let q_data = gather_actions(q.clone(), actions.clone())
+        let q_data = gather_actions(q.clone().detach(), actions.clone())
             .mean()
             .into_scalar()
             .elem::<f32>();

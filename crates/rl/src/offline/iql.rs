@@ -10,6 +10,7 @@ use super::{
 };
 use crate::nets::QNet;
 use crate::Result;
+use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
@@ -67,12 +68,18 @@ impl<B: AutodiffBackend> Iql<B> {
         let n = batch.len();
         let c = self.config.clone();
         let (obs, next, actions, rewards, dones) = batch.tensors::<B>(self.side, &device);
-        let q_target = gather_actions(self.target1.forward(obs.clone()), actions.clone())
+        // The targets' values on the inner backend: no graph for what is not trained.
+        let (obs_inner, actions_inner) = (obs.clone().inner(), actions.clone().inner());
+        let q_target = Tensor::<B, 1>::from_inner(
+            gather_actions(
+                self.target1.valid().forward(obs_inner.clone()),
+                actions_inner.clone(),
+            )
             .min_pair(gather_actions(
-                self.target2.forward(obs.clone()),
-                actions.clone(),
-            ))
-            .detach();
+                self.target2.valid().forward(obs_inner),
+                actions_inner,
+            )),
+        );
         // V towards the expectile of Q over the data actions.
         let v = self.value.forward(obs.clone()).reshape([n]);
         let v_loss = iql_value_loss(q_target.clone(), v.clone(), c.iql_tau);
@@ -80,7 +87,8 @@ impl<B: AutodiffBackend> Iql<B> {
         let grads = GradientsParams::from_grads(v_loss.backward(), &self.value);
         self.value = self.optims[0].step(c.lr, self.value.clone(), grads);
         // Each Q towards r + γ V(s').
-        let v_next = self.value.forward(next).reshape([n]).detach();
+        let v_next =
+            Tensor::<B, 1>::from_inner(self.value.valid().forward(next.inner()).reshape([n]));
         let mut q_loss = 0.0;
         for (k, which) in [(1usize, true), (2, false)] {
             let qn = if which { &self.q1 } else { &self.q2 };
@@ -101,7 +109,7 @@ impl<B: AutodiffBackend> Iql<B> {
             }
         }
         // The policy by advantage-weighted cloning.
-        let value = v.clone().mean().into_scalar().elem::<f32>();
+        let value = v.clone().detach().mean().into_scalar().elem::<f32>();
         let adv = q_target - v.detach();
         let advantage = adv.clone().mean().into_scalar().elem::<f32>();
         let p_loss = awr_policy_loss(

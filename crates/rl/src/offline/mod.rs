@@ -457,10 +457,15 @@ fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().expect("f32")
 }
 
-/// A network's outputs `[n, A]` for frames `[n, H, W, 3]`.
-fn outputs<B: Backend>(net: &QNet<B>, frames: &[u8], n: usize, side: usize) -> Vec<f32> {
+/// A network's outputs `[n, A]` for frames `[n, H, W, 3]`, on the inner backend (no
+/// autodiff graph for acting).
+fn outputs<B: AutodiffBackend>(net: &QNet<B>, frames: &[u8], n: usize, side: usize) -> Vec<f32> {
+    use burn::module::AutodiffModule;
     let device = net.devices()[0].clone();
-    to_vec(net.forward(frames_to_input::<B>(frames, n, side, &device)))
+    to_vec(
+        net.valid()
+            .forward(frames_to_input::<B::InnerBackend>(frames, n, side, &device)),
+    )
 }
 
 /// The gradient step a checkpoint was written at.
