@@ -1,5 +1,7 @@
 //! Reinforcement learning in dws: actor-critic networks and PPO over any
-//! [`dws_envs::VecEnv`], real or imagined by a world model.
+//! [`dws_envs::VecEnv`], real or imagined by a world model; model-based RL with
+//! prioritized imagination ([`mbrl`]); imagined datasets ([`augment`]); offline RL
+//! (BC, CQL, IQL) from real and imagined transitions ([`offline`]).
 
 pub mod augment;
 pub mod imagine;
