@@ -365,7 +365,7 @@ impl Job for OfflineJob {
         let batch = offline.batch_for(args.algo);
         println!(
             "{} on {} transitions of {} ({} real, {} imagined; {:.0}% real per batch of {batch}), \
-             {} steps; evaluation every {} steps on {} training-level episodes{}; into {}",
+             {} steps; evaluation {} on {} training-level episodes{}; into {}",
             args.algo.name().to_uppercase(),
             real_n + imagined_n,
             spec.id,
@@ -373,7 +373,11 @@ impl Job for OfflineJob {
             imagined_n,
             100.0 * real_share,
             args.steps,
-            args.eval_every,
+            if args.eval_every > 0 && args.eval_every < args.steps {
+                format!("every {} steps", args.eval_every)
+            } else {
+                "at the end".to_string()
+            },
             args.eval_episodes,
             if config.test_env.is_some() {
                 format!(
