@@ -190,7 +190,7 @@ figcaption {{ font-size: 0.85em; color: #555; }}
 .key {{ font-size: 0.9em; color: #555; }}
 </style></head><body>
 <h1>dws eval: {name}</h1>
-<p>{clips_n} held-out clips from <code>{data}</code> (seed {seed}): {context} context frame(s), {horizon} predicted, {steps} Euler step(s) per frame, model {actions}. Checkpoint <code>{ckpt}</code>. Took {secs:.0} s.</p>
+<p>{clips_n} held-out clips from <code>{data}</code> (seed {seed}): {context} context frame(s), {horizon} predicted, sampled with {sampling}, model {actions}. Checkpoint <code>{ckpt}</code>. Took {secs:.0} s.</p>
 <table><tr><th></th><th>PSNR (dB) ↑</th><th>SSIM ↑</th><th>LPIPS ↓</th><th>FVD ↓</th></tr>
 {model_row}
 {other_row}
@@ -218,7 +218,11 @@ figcaption {{ font-size: 0.85em; color: #555; }}
         seed = r.seed,
         context = r.context,
         horizon = r.horizon,
-        steps = r.sample_steps,
+        sampling = escape(&if r.sampling.is_empty() {
+            format!("{} Euler step(s) per frame", r.sample_steps.unwrap_or(0))
+        } else {
+            r.sampling.clone()
+        }),
         actions = if r.with_actions {
             "conditioned on actions"
         } else {

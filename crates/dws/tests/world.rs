@@ -1,36 +1,9 @@
 //! The world-model commands end to end on the debug preset.
 
-use std::path::Path;
+mod common;
+
+use common::{losses, ok as dws};
 use std::process::Command;
-
-fn dws(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_dws"))
-        .env("DWS_LOG", "warn")
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "dws {args:?} failed: {text}");
-    text
-}
-
-fn losses(run: &Path) -> Vec<(usize, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (
-                v["step"].as_u64().unwrap() as usize,
-                v["loss"].as_f64().unwrap(),
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn pretrain_finetune_predict_and_exact_resume() {

@@ -254,6 +254,45 @@ impl<B: Backend> ArTransformer<B> {
             self.max_len()
         );
         let f = l / n;
+        let mut x = self.input(tokens, b, l, f);
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = self.modulate(i, x, cond.clone(), f);
+            x = block.forward(x, self.heads, &self.rope, 0, None);
+        }
+        self.head.forward(self.norm.forward(x))
+    }
+
+    /// Feeds whole frames of tokens `[B, P]` (positions `0..P`) in one pass, filling an
+    /// empty `cache` with their keys and values, as [`Self::step`] would one position at
+    /// a time; `cond` `[B, P / N, Dc]` as in [`Self::forward`].
+    pub fn prefill(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cond: Option<Tensor<B, 3>>,
+        cache: &mut KvCache<B>,
+    ) {
+        assert_eq!(cache.len, 0, "prefill takes an empty cache");
+        let [b, l] = tokens.dims();
+        let n = self.tokens_per_frame;
+        assert!(
+            l.is_multiple_of(n) && l > 0 && l <= self.max_len(),
+            "{l} tokens are not whole frames within the window of {}",
+            self.max_len()
+        );
+        let f = l / n;
+        let mut x = self.input(tokens, b, l, f);
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = self.modulate(i, x, cond.clone(), f);
+            let (k, v) = (&mut cache.keys[i], &mut cache.values[i]);
+            x = block.forward(x, self.heads, &self.rope, 0, Some((k, v)));
+        }
+        cache.len = l;
+    }
+
+    /// The block input of whole frames of tokens: the sequence shifted right behind the
+    /// start vector, plus each position's frame embedding.
+    fn input(&self, tokens: Tensor<B, 2, Int>, b: usize, l: usize, f: usize) -> Tensor<B, 3> {
+        let n = self.tokens_per_frame;
         let x = self.embed.forward(tokens); // [B, L, D]
         let d = x.dims()[2];
         let start = self.start.val().reshape([1, 1, d]).expand([b, 1, d]);
@@ -265,12 +304,7 @@ impl<B: Backend> ArTransformer<B> {
             .reshape([1, f, 1, d])
             .expand([b, f, n, d])
             .reshape([b, l, d]);
-        let mut x = x + pos;
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = self.modulate(i, x, cond.clone(), f);
-            x = block.forward(x, self.heads, &self.rope, 0, None);
-        }
-        self.head.forward(self.norm.forward(x))
+        x + pos
     }
 
     /// The DWS module of block `i` on positions grouped by the frame they predict.
@@ -427,12 +461,10 @@ pub fn generate<B: Backend, R: Rng>(
         })
     };
     let mut cache = KvCache::new(model.depth());
-    if use_cache {
-        // Feed the prefix position by position (its logits are not needed).
-        for pos in 0..p {
-            let token = (pos > 0).then(|| to_tensor(&seq, pos).narrow(1, pos - 1, 1).reshape([b]));
-            model.step(token, frame_cond(pos), &mut cache, b);
-        }
+    if use_cache && p > 0 {
+        // The prefix in one pass (its logits are not needed).
+        let c = cond.as_ref().map(|c| c.clone().narrow(1, 0, p / n));
+        model.prefill(to_tensor(&seq, p), c, &mut cache);
     }
     for pos in p..total {
         let logits = if use_cache {

@@ -13,6 +13,7 @@
 
 pub mod action_module;
 pub mod ar;
+pub mod ar_world;
 pub mod checkpoint;
 pub mod embedders;
 pub mod flow;

@@ -108,8 +108,18 @@ pub fn to_flow_batch<B: Backend>(clips: &ClipBatch, device: &B::Device) -> FlowB
     let [h, w, c] = clips.frame_shape;
     let (b, f) = (clips.batch, clips.len);
     let x0 = frames_to_tensor::<B>(&clips.frames, [b, f, h, w, c], device);
+    FlowBatch {
+        x0,
+        actions: clip_actions(clips, device),
+    }
+}
+
+/// The `F - 1` actions per clip of a clip batch as tensors, when they are all of one
+/// kind and complete (a mixed corpus has none).
+pub fn clip_actions<B: Backend>(clips: &ClipBatch, device: &B::Device) -> Option<ActionBatch<B>> {
+    let (b, f) = (clips.batch, clips.len);
     let steps = f.saturating_sub(1);
-    let actions = match &clips.actions {
+    match &clips.actions {
         Actions::Discrete(ids) if ids.len() == b * steps && steps > 0 => {
             Some(ActionBatch::Discrete(Tensor::<B, 2, Int>::from_data(
                 TensorData::new(
@@ -126,8 +136,7 @@ pub fn to_flow_batch<B: Backend>(clips: &ClipBatch, device: &B::Device) -> FlowB
             )))
         }
         _ => None,
-    };
-    FlowBatch { x0, actions }
+    }
 }
 
 fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
@@ -161,24 +170,60 @@ pub struct RunOptionsLite<'a, L> {
 /// checkpoints into `run`. With `resume`, continues from the newest checkpoint there.
 pub fn train<B: AutodiffBackend>(
     run: &Path,
-    mut world: WorldModel<B>,
+    world: WorldModel<B>,
     cfg: &TrainConfig,
     data: &ClipSource,
     flow: &FlowConfig,
     opts: RunOptions<'_>,
 ) -> Result<WorldModel<B>> {
     let device = world.dit.devices().first().cloned().unwrap_or_default();
+    let loss_cfg = cfg.loss_config(flow);
+    let freeze = opts.freeze_base;
+    train_loop(
+        run,
+        world,
+        cfg,
+        data,
+        RunOptionsLite {
+            resume: opts.resume,
+            stop_after: opts.stop_after,
+            on_step: opts.on_step,
+        },
+        |w| if freeze { w.freeze_base() } else { w },
+        |world, clips, rng| flow_loss(world, to_flow_batch::<B>(clips, &device), &loss_cfg, rng),
+    )
+}
+
+/// The loop every clip-trained model shares: per step a batch of clips from `data`, the
+/// loss `loss` makes of it, AdamW with warm-up and gradient clipping; JSON-lines metrics
+/// and atomic checkpoints into `run`, exact resume (weights, optimiser state, random
+/// stream). `prepare` runs on the model after any checkpoint is loaded (to freeze
+/// parts).
+pub fn train_loop<B, M>(
+    run: &Path,
+    mut model: M,
+    cfg: &TrainConfig,
+    data: &ClipSource,
+    opts: RunOptionsLite<'_, StepLog>,
+    prepare: impl FnOnce(M) -> M,
+    mut loss: impl FnMut(&M, &ClipBatch, &mut ChaCha8Rng) -> Tensor<B, 1>,
+) -> Result<M>
+where
+    B: AutodiffBackend,
+    M: burn::module::AutodiffModule<B>,
+{
+    let device = model.devices().first().cloned().unwrap_or_default();
     let mut optim = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay)
         .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.grad_clip)))
-        .init::<B, WorldModel<B>>();
+        .init::<B, M>();
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut start = 0;
     let metrics = run.join("metrics.jsonl");
     if opts.resume {
         if let Some(ckpt) = checkpoint::latest(run) {
             let state = checkpoint::read_state(&ckpt)?;
-            world = checkpoint::load_model(world, &ckpt, &device)?;
+            model = checkpoint::load_model(model, &ckpt, &device)?;
             optim = optim.load_record(checkpoint::load_optim(&ckpt, &device)?);
             rng = ChaCha8Rng::seed_from_u64(state.rng_seed);
             rng.set_word_pos(state.rng_word_pos);
@@ -192,10 +237,7 @@ pub fn train<B: AutodiffBackend>(
             source: e,
         })?;
     }
-    if opts.freeze_base {
-        world = world.freeze_base();
-    }
-    let loss_cfg = cfg.loss_config(flow);
+    model = prepare(model);
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -211,8 +253,7 @@ pub fn train<B: AutodiffBackend>(
     };
     for step in start..end {
         let clips = data.sample(cfg.batch, &mut rng);
-        let batch = to_flow_batch::<B>(&clips, &device);
-        let loss = flow_loss(&world, batch, &loss_cfg, &mut rng);
+        let loss = loss(&model, &clips, &mut rng);
         let loss_value: f32 = loss.clone().into_scalar().elem();
         if !loss_value.is_finite() {
             return Err(ModelError::Invalid(format!(
@@ -220,9 +261,9 @@ pub fn train<B: AutodiffBackend>(
                 step + 1
             )));
         }
-        let grads = GradientsParams::from_grads(loss.backward(), &world);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
         let lr = lr_at(cfg, step);
-        world = optim.step(lr, world, grads);
+        model = optim.step(lr, model, grads);
         let entry = StepLog {
             step: step + 1,
             loss: loss_value,
@@ -247,10 +288,10 @@ pub fn train<B: AutodiffBackend>(
                 rng_word_pos: rng.get_word_pos(),
                 last_loss: loss_value,
             };
-            checkpoint::save::<B, _>(run, &world, optim.to_record(), &state, cfg.keep_last)?;
+            checkpoint::save::<B, _>(run, &model, optim.to_record(), &state, cfg.keep_last)?;
         }
     }
-    Ok(world)
+    Ok(model)
 }
 
 /// Drops logged steps after `step` (they are redone on resume).

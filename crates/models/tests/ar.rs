@@ -158,3 +158,137 @@ fn attached_action_modules_change_nothing_until_trained_then_condition_the_token
         "the predictions do not depend on the action ({diff})"
     );
 }
+
+#[test]
+fn a_prefilled_cache_continues_like_the_full_pass() {
+    let device = Default::default();
+    I::seed(&device, 7);
+    let cfg = ArConfig::debug(16, 4);
+    let model = cfg.init::<I>(&device).attach_action_modules(6, &device);
+    let (b, f) = (2, 3);
+    let x = tokens::<I>(b, f * 4, 16, 4, &device);
+    let cond = Tensor::<I, 3>::random(
+        [b, f, 6],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let full = floats(model.forward(x.clone(), Some(cond.clone()))); // [B, 12, 16]
+                                                                     // Two frames in one pass, then the positions of the third one by one.
+    let mut cache = KvCache::new(model.depth());
+    model.prefill(
+        x.clone().narrow(1, 0, 8),
+        Some(cond.clone().narrow(1, 0, 2)),
+        &mut cache,
+    );
+    assert_eq!(cache.len, 8);
+    let mut max = 0f32;
+    for pos in 8..12 {
+        let token = x.clone().narrow(1, pos - 1, 1).reshape([b]);
+        let c = cond.clone().narrow(1, 2, 1).reshape([b, 6]);
+        let logits = floats(model.step(Some(token), Some(c), &mut cache, b));
+        for r in 0..b {
+            let want = &full[(r * 12 + pos) * 16..(r * 12 + pos + 1) * 16];
+            for (a, w) in logits[r * 16..(r + 1) * 16].iter().zip(want) {
+                max = max.max((a - w).abs());
+            }
+        }
+    }
+    assert!(max < 1e-4, "logits after the prefill differ by {max}");
+}
+
+#[test]
+fn motion_weights_pool_to_the_token_grid_in_row_major_order() {
+    use dws_models::ar_world::pool_to_tokens;
+    let device = Default::default();
+    // One clip of two 4×4 frames, a 2×2 token grid: each token averages a 2×2 block.
+    let v: Vec<f32> = (0..32).map(|i| i as f32).collect();
+    let w = Tensor::<I, 5>::from_data(TensorData::new(v, [1, 2, 1, 4, 4]), &device);
+    let got = floats(pool_to_tokens(w, 2));
+    // Frame 0 rows: 0..4, 4..8, 8..12, 12..16; block (0,0) = {0,1,4,5} -> 2.5.
+    let want = [2.5, 4.5, 10.5, 12.5, 18.5, 20.5, 26.5, 28.5];
+    assert_eq!(got, want);
+}
+
+#[test]
+fn rollouts_run_past_the_window_and_follow_their_actions() {
+    use dws_models::ar_world::{ar_rollout, ArWorld};
+    use dws_models::embedders::{ActionBatch, ActionKind, EmbedderConfig, EmbedderKind};
+    use dws_models::vq::VqConfig;
+    let device = Default::default();
+    I::seed(&device, 11);
+    let vq_cfg = VqConfig::debug();
+    let vq = vq_cfg.init::<I>(&device);
+    let cfg = ArConfig::debug(vq_cfg.codebook_size, vq_cfg.tokens_per_frame());
+    let embedder = EmbedderConfig {
+        kind: EmbedderKind::Table,
+        actions: ActionKind::Discrete {
+            n: 3,
+            templates: Vec::new(),
+        },
+        cond_dim: 8,
+    }
+    .init::<I>(&device)
+    .unwrap();
+    let mut net = cfg.init::<I>(&device).attach_action_modules(8, &device);
+    // Non-zero action modules, so actions matter even untrained.
+    net.action_modules = net
+        .action_modules
+        .into_iter()
+        .map(|m| m.map(&mut RandomiseParams))
+        .collect();
+    let world = ArWorld {
+        net,
+        embedder: Some(embedder),
+    };
+    let ctx = Tensor::<I, 5>::random(
+        [2, 1, 3, 64, 64],
+        burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
+    let horizon = 6; // the window holds 4 frames
+    let actions = |k: i64| {
+        ActionBatch::Discrete(Tensor::<I, 2, Int>::from_data(
+            TensorData::new(vec![k; 2 * horizon], [2, horizon]),
+            &device,
+        ))
+    };
+    let greedy = Sampling {
+        temperature: 0.0,
+        top_k: 0,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let roll = |k: i64, rng: &mut ChaCha8Rng| {
+        floats(ar_rollout(
+            &world,
+            &vq,
+            ctx.clone(),
+            Some(&actions(k)),
+            horizon,
+            greedy,
+            rng,
+        ))
+    };
+    let a = roll(0, &mut rng);
+    assert_eq!(a.len(), 2 * horizon * 3 * 64 * 64);
+    assert!(a.iter().all(|v| v.is_finite()));
+    assert_eq!(a, roll(0, &mut rng), "greedy rollouts are deterministic");
+    assert_ne!(a, roll(2, &mut rng), "other actions, other frames");
+}
+
+/// Replaces every float parameter with small random values.
+struct RandomiseParams;
+
+impl<B: Backend> burn::module::ModuleMapper<B> for RandomiseParams {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<Tensor<B, D>>,
+    ) -> burn::module::Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let t = Tensor::random(
+            tensor.dims(),
+            burn::tensor::Distribution::Normal(0.0, 0.5),
+            &tensor.device(),
+        );
+        burn::module::Param::from_mapped_value(id, t, mapper)
+    }
+}

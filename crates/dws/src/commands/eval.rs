@@ -3,6 +3,7 @@
 //! reference, and writes `metrics.json`, per-frame plots, side-by-side GIFs and an HTML
 //! report that shows them. `dws compare` tabulates several evals.
 
+use super::ar::Simulator;
 use crate::device::{dispatch, DeviceArg, Job};
 use crate::plot::{write_line_plot, Series};
 use crate::report::Pair;
@@ -15,7 +16,7 @@ use dws_metrics::i3d::{I3d, FEATURES, MIN_FRAMES};
 use dws_metrics::image::{psnr, ssim, Frame};
 use dws_metrics::lpips::Lpips;
 use dws_metrics::video::{i3d_features, split_clips};
-use dws_models::flow::{rollout, tensor_to_frames};
+use dws_models::flow::tensor_to_frames;
 use dws_models::train::to_flow_batch;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -97,7 +98,15 @@ pub struct EvalReport {
     pub horizon: usize,
     pub clips: usize,
     pub seed: u64,
-    pub sample_steps: usize,
+    /// Euler steps per frame of a flow model (none for an AR model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_steps: Option<usize>,
+    /// flow or ar.
+    #[serde(default)]
+    pub backbone: String,
+    /// How frames were sampled, in words.
+    #[serde(default)]
+    pub sampling: String,
     pub with_actions: bool,
     /// (episode, first frame) of each clip.
     pub picks: Vec<(usize, usize)>,
@@ -192,8 +201,7 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
     if want_fvd && a.clips < 2 {
         bail!("FVD compares sets of clips and needs --clips 2 or more (or pass --no-fvd)");
     }
-    let (mut cfg, world, ckpt) = super::world::load_world::<B>(&a.ckpt, &device)?;
-    super::world::override_sampling(&mut cfg, a.sample_steps, a.warp_snap)?;
+    let (sim, ckpt) = Simulator::<B>::load(&a.ckpt, &device, a.sample_steps, a.warp_snap)?;
     let ds = Dataset::open(&a.data).with_context(|| format!("opening {}", a.data.display()))?;
     let [h, w, c] = ds.header().frame_shape;
     ensure!(
@@ -230,10 +238,9 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
 
     // Roll out.
     let f = h * w * 3;
-    let window = cfg.train.clip_len.min(cfg.model.max_frames);
     let mut truth = Vec::with_capacity(a.clips * need * f);
     let mut pred = Vec::with_capacity(a.clips * a.horizon * f);
-    let with_actions = cfg.dws.is_some();
+    let with_actions = sim.with_actions();
     let probe_actions = with_actions && a.clips >= 2;
     // Clip k's start with clip k+1's actions (a rotation of the picks).
     let rotated: Vec<(usize, usize)> = (0..a.clips).map(|k| picks[(k + 1) % a.clips]).collect();
@@ -250,15 +257,7 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
         let noise_seed = rng.next_u64();
         let roll = |actions: Option<&dws_models::embedders::ActionBatch<B>>| {
             let mut noise = ChaCha8Rng::seed_from_u64(noise_seed);
-            let p = rollout(
-                &world,
-                ctx.clone(),
-                actions,
-                a.horizon,
-                window,
-                &cfg.flow,
-                &mut noise,
-            );
+            let p = sim.rollout(ctx.clone(), actions, a.horizon, &mut noise);
             tensor_to_frames(p)
         };
         pred.extend(roll(batch.actions.as_ref()));
@@ -349,7 +348,9 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
         horizon: a.horizon,
         clips: a.clips,
         seed: a.seed,
-        sample_steps: cfg.flow.sample_steps,
+        sample_steps: sim.sample_steps(),
+        backbone: sim.backbone().into(),
+        sampling: sim.describe_sampling(),
         with_actions,
         picks,
         model,

@@ -1,3 +1,4 @@
+pub mod ar;
 pub mod assets;
 pub mod bench;
 pub mod bench_ops;

@@ -10,6 +10,7 @@
 //! filmstrip of the same, and a JSON report with per-frame errors of the model and of
 //! the repeat-the-last-context-frame reference.
 
+use super::ar::Simulator;
 use crate::device::{dispatch, DeviceArg, Job};
 use crate::report::Pair;
 use anyhow::{bail, Context, Result};
@@ -18,7 +19,7 @@ use burn::tensor::backend::AutodiffBackend;
 use dws_data::{Actions, Dataset};
 use dws_envs::{Action, EnvConfig};
 use dws_models::embedders::ActionBatch;
-use dws_models::flow::{frames_to_tensor, rollout, tensor_to_frames};
+use dws_models::flow::{frames_to_tensor, tensor_to_frames};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -104,7 +105,15 @@ pub struct PredictReport {
     pub data: PathBuf,
     pub context: usize,
     pub horizon: usize,
-    pub sample_steps: usize,
+    /// Euler steps per frame of a flow model (none for an AR model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_steps: Option<usize>,
+    /// flow or ar.
+    #[serde(default)]
+    pub backbone: String,
+    /// How frames were sampled, in words.
+    #[serde(default)]
+    pub sampling: String,
     pub with_actions: bool,
     pub episodes: Vec<EpisodeReport>,
     /// Means over episodes of the per-episode means.
@@ -262,8 +271,7 @@ impl Job for PredictJob {
 }
 
 fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
-    let (mut cfg, world, ckpt) = super::world::load_world::<B>(&a.ckpt, &device)?;
-    super::world::override_sampling(&mut cfg, a.sample_steps, a.warp_snap)?;
+    let (sim, ckpt) = Simulator::<B>::load(&a.ckpt, &device, a.sample_steps, a.warp_snap)?;
     if a.context == 0 || a.horizon == 0 || a.episodes == 0 {
         bail!("--context, --horizon and --episodes must be at least 1");
     }
@@ -334,7 +342,6 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
     }
 
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
-    let window = cfg.train.clip_len.min(cfg.model.max_frames);
     let bar = crate::progress::bar(eps.len() as u64, "episodes");
     let mut preds: Vec<Vec<u8>> = Vec::with_capacity(eps.len());
     for chunk in eps.chunks(BATCH) {
@@ -345,15 +352,7 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
             .collect();
         let ctx = frames_to_tensor::<B>(&ctx, [b, a.context, h, w, c], &device);
         let actions = action_batch::<B>(chunk, n_actions, &device);
-        let pred = rollout(
-            &world,
-            ctx,
-            Some(&actions),
-            a.horizon,
-            window,
-            &cfg.flow,
-            &mut rng,
-        );
+        let pred = sim.rollout(ctx, Some(&actions), a.horizon, &mut rng);
         let pred = tensor_to_frames(pred);
         preds.extend(pred.chunks(a.horizon * f).map(|p| p.to_vec()));
         bar.inc(b as u64);
@@ -400,8 +399,10 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
         data: a.data.clone(),
         context: a.context,
         horizon: a.horizon,
-        sample_steps: cfg.flow.sample_steps,
-        with_actions: cfg.dws.is_some(),
+        sample_steps: sim.sample_steps(),
+        backbone: sim.backbone().into(),
+        sampling: sim.describe_sampling(),
+        with_actions: sim.with_actions(),
         mean_mse: avg(&|r| r.model.mean_mse),
         mean_psnr: avg(&|r| r.model.mean_psnr),
         reference_mean_mse: avg(&|r| r.repeat_last.mean_mse),
@@ -433,13 +434,13 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
         }
     }
     println!(
-        "predicted {} frames from {} context frame(s) of {} episode(s) with {} ({}, {} Euler steps): mean MSE {:.5}, mean PSNR {:.2} dB",
+        "predicted {} frames from {} context frame(s) of {} episode(s) with {} ({}, {}): mean MSE {:.5}, mean PSNR {:.2} dB",
         a.horizon,
         a.context,
         report.episodes.len(),
         ckpt.display(),
         if report.with_actions { "with actions" } else { "no actions" },
-        report.sample_steps,
+        report.sampling,
         report.mean_mse,
         report.mean_psnr
     );

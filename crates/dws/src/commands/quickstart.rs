@@ -173,6 +173,8 @@ pub fn run(args: Args) -> Result<()> {
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
             .join(","),
+        backbone: super::world::Backbone::Flow,
+        tokenizer: None,
         flags: flags(base.clone()),
     })?;
     let push = dirs

@@ -8,12 +8,13 @@
 
 use crate::device::{dispatch, DeviceArg, Job};
 use anyhow::{bail, ensure, Context, Result};
+use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use dws_data::{ClipSampler, Dataset};
 use dws_models::checkpoint;
 use dws_models::flow::{frames_to_tensor, tensor_to_frames};
 use dws_models::train::{ClipSource, RunOptionsLite};
-use dws_models::vq::{train_tokenizer, VqConfig, VqStepLog, VqTrainConfig};
+use dws_models::vq::{train_tokenizer, VqConfig, VqStepLog, VqTokenizer, VqTrainConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -231,6 +232,30 @@ fn run_of(path: &Path) -> PathBuf {
     super::world::run_of(path)
 }
 
+/// The newest (or the given) checkpoint of a tokenizer run, with the run's config.
+pub fn load_tokenizer<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<(TokenizerRunConfig, VqTokenizer<B>, PathBuf)> {
+    let (config, ckpt) = tokenizer_checkpoint(path)?;
+    let vq = checkpoint::load_model(config.vq.init::<B>(device), &ckpt, device)?;
+    Ok((config, vq, ckpt))
+}
+
+/// The config of a tokenizer run and its newest (or the given) checkpoint's path.
+pub fn tokenizer_checkpoint(path: &Path) -> Result<(TokenizerRunConfig, PathBuf)> {
+    let run = run_of(path);
+    let cfg_path = run.join("config.json");
+    let config: TokenizerRunConfig = serde_json::from_str(
+        &fs::read_to_string(&cfg_path)
+            .with_context(|| format!("{} is not a tokenizer run", run.display()))?,
+    )
+    .with_context(|| format!("{} is not a tokenizer config", cfg_path.display()))?;
+    let ckpt = checkpoint::latest(path)
+        .with_context(|| format!("{} has no checkpoint yet", path.display()))?;
+    Ok((config, ckpt))
+}
+
 struct EvalJob {
     args: EvalArgs,
 }
@@ -241,16 +266,7 @@ impl Job for EvalJob {
         let a = self.args;
         ensure!(a.frames > 0, "--frames must be at least 1");
         let run = run_of(&a.ckpt);
-        let cfg_path = run.join("config.json");
-        let config: TokenizerRunConfig = serde_json::from_str(
-            &fs::read_to_string(&cfg_path)
-                .with_context(|| format!("{} is not a tokenizer run", run.display()))?,
-        )
-        .with_context(|| format!("{} is not a tokenizer config", cfg_path.display()))?;
-        let ckpt = checkpoint::latest(&a.ckpt)
-            .with_context(|| format!("{} has no checkpoint yet", a.ckpt.display()))?;
-        let vq =
-            checkpoint::load_model(config.vq.init::<B::InnerBackend>(&device), &ckpt, &device)?;
+        let (config, vq, _) = load_tokenizer::<B::InnerBackend>(&a.ckpt, &device)?;
         let side = config.vq.image_size;
         let out = a.out.clone().unwrap_or_else(|| run.clone());
         fs::create_dir_all(&out)?;

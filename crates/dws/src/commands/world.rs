@@ -29,6 +29,9 @@ pub struct Preset {
     pub pretrain: TrainConfig,
     pub finetune: TrainConfig,
     pub dws: DwsPreset,
+    /// The token transformer of `--backbone ar`.
+    #[serde(default)]
+    pub ar: Option<super::ar::ArPreset>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +87,12 @@ impl RunConfig {
 
     pub fn read(run: &Path) -> Result<Self> {
         let p = Self::path(run);
+        ensure!(
+            !super::ar::is_ar_run(run),
+            "{} is an autoregressive (--backbone ar) run; only `dws finetune`, `dws predict` \
+             and `dws eval` take those so far",
+            run.display()
+        );
         let text = std::fs::read_to_string(&p).with_context(|| {
             format!(
                 "{} is not a dws run (no readable config.json)",
@@ -216,8 +225,21 @@ pub struct PretrainArgs {
     /// Dataset directories, comma-separated (a mixed corpus; actions are not used).
     #[arg(long)]
     pub data: String,
+    /// flow: the flow-matching video transformer; ar: a token transformer over the
+    /// frames of a `dws tokenizer` run (--tokenizer).
+    #[arg(long, default_value = "flow")]
+    pub backbone: Backbone,
+    /// The tokenizer run (or checkpoint) of `--backbone ar`.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
     pub flags: TrainFlags,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backbone {
+    Flow,
+    Ar,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -331,20 +353,28 @@ impl Job for TrainJob {
             },
         )?;
         bar.finish_and_clear();
-        let last = checkpoint::latest(run).context("training wrote no checkpoint")?;
-        let state = checkpoint::read_state(&last)?;
-        println!(
-            "{}: step {}/{}, last loss {:.4}, {:.1} s; checkpoint {}; metrics {}",
-            cfg.command,
-            state.step,
-            cfg.train.steps,
-            state.last_loss,
-            started.elapsed().as_secs_f64(),
-            last.display(),
-            run.join("metrics.jsonl").display()
-        );
-        Ok(())
+        report_training(&cfg.command, run, cfg.train.steps, started)
     }
+}
+
+/// Prints where a training command stopped and what it wrote.
+pub fn report_training(
+    command: &str,
+    run: &Path,
+    steps: usize,
+    started: std::time::Instant,
+) -> Result<()> {
+    let last = checkpoint::latest(run).context("training wrote no checkpoint")?;
+    let state = checkpoint::read_state(&last)?;
+    println!(
+        "{command}: step {}/{steps}, last loss {:.4}, {:.1} s; checkpoint {}; metrics {}",
+        state.step,
+        state.last_loss,
+        started.elapsed().as_secs_f64(),
+        last.display(),
+        run.join("metrics.jsonl").display()
+    );
+    Ok(())
 }
 
 /// Uses the stored config when resuming (and checks the flags agree with it).
@@ -369,6 +399,38 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
     if let Some(s) = args.flags.steps {
         train_cfg.steps = s;
     }
+    let data = parse_dirs(&args.data);
+    if data.is_empty() {
+        bail!("--data needs at least one dataset directory");
+    }
+    if args.backbone == Backbone::Ar {
+        let tokenizer = args
+            .tokenizer
+            .as_ref()
+            .context("--backbone ar needs --tokenizer (a `dws tokenizer train` run)")?;
+        let ar = preset.ar.as_ref().with_context(|| {
+            format!(
+                "preset `{}` has no [ar] table for --backbone ar",
+                args.flags.preset
+            )
+        })?;
+        let config =
+            super::ar::pretrain_config(&args.flags.preset, ar, train_cfg, tokenizer, data)?
+                .resolve(&args.flags)?;
+        let samplers = samplers(&config.data, config.train.clip_len)?;
+        return dispatch(
+            args.flags.device,
+            super::ar::ArTrainJob {
+                config,
+                flags: args.flags,
+                base: None,
+                data: ClipSource { samplers },
+            },
+        );
+    }
+    if args.tokenizer.is_some() {
+        bail!("--tokenizer is for --backbone ar");
+    }
     let config = RunConfig {
         command: "pretrain".into(),
         preset: args.flags.preset.clone(),
@@ -377,12 +439,9 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
         train: train_cfg,
         dws: None,
         train_new_only: false,
-        data: parse_dirs(&args.data),
+        data,
         base: None,
     };
-    if config.data.is_empty() {
-        bail!("--data needs at least one dataset directory");
-    }
     let config = resolve(config, &args.flags)?;
     dispatch(
         args.flags.device,
@@ -397,7 +456,6 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
 pub fn finetune(args: FinetuneArgs) -> Result<()> {
     let preset = load_preset(&args.flags.preset)?;
     let base_run = run_of(&args.base);
-    let base_cfg = RunConfig::read(&base_run).context("reading the base model's config")?;
     let ds =
         Dataset::open(&args.data).with_context(|| format!("opening {}", args.data.display()))?;
     let header = ds.header();
@@ -437,19 +495,57 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     if train_new_only && args.action_module == OnOff::Off {
         bail!("--train new with --action-module off would train nothing");
     }
+    let dws = (args.action_module == OnOff::On).then_some(DwsConfig {
+        embedder: EmbedderConfig {
+            kind,
+            actions,
+            cond_dim: preset.dws.cond_dim,
+        },
+    });
+    if super::ar::is_ar_run(&base_run) {
+        let base_cfg =
+            super::ar::ArRunConfig::read(&base_run).context("reading the base model's config")?;
+        ensure!(
+            base_cfg.dws.is_none(),
+            "{} is already fine-tuned with actions; fine-tune its action-free base",
+            base_run.display()
+        );
+        ensure!(
+            train_cfg.clip_len <= base_cfg.model.max_frames,
+            "the preset's clips of {} frames do not fit the base model's window of {}",
+            train_cfg.clip_len,
+            base_cfg.model.max_frames
+        );
+        let config = super::ar::ArRunConfig {
+            command: "finetune".into(),
+            preset: args.flags.preset.clone(),
+            train: train_cfg,
+            dws,
+            train_new_only,
+            data: vec![args.data.clone()],
+            base: Some(args.base.clone()),
+            ..base_cfg
+        }
+        .resolve(&args.flags)?;
+        let samplers = samplers(&config.data, config.train.clip_len)?;
+        return dispatch(
+            args.flags.device,
+            super::ar::ArTrainJob {
+                config,
+                flags: args.flags,
+                base: Some(args.base),
+                data: ClipSource { samplers },
+            },
+        );
+    }
+    let base_cfg = RunConfig::read(&base_run).context("reading the base model's config")?;
     let config = RunConfig {
         command: "finetune".into(),
         preset: args.flags.preset.clone(),
         model: base_cfg.model.clone(),
         flow: preset.flow,
         train: train_cfg,
-        dws: (args.action_module == OnOff::On).then_some(DwsConfig {
-            embedder: EmbedderConfig {
-                kind,
-                actions,
-                cond_dim: preset.dws.cond_dim,
-            },
-        }),
+        dws,
         train_new_only,
         data: vec![args.data.clone()],
         base: Some(args.base.clone()),
