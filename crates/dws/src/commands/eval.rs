@@ -479,7 +479,7 @@ pub fn compare(a: CompareArgs) -> Result<String> {
     if offline.iter().any(Option::is_some) {
         if let Some(i) = offline.iter().position(Option::is_none) {
             anyhow::bail!(
-                "{} is not a finished dws offline run (no summary.json), unlike {}: compare                  offline runs with offline runs and evals with evals",
+                "{} is not a finished dws offline run (no summary.json), unlike {}: compare offline runs with offline runs and evals with evals",
                 a.evals[i].display(),
                 a.evals[offline.iter().position(Option::is_some).expect("some")].display()
             );
