@@ -96,17 +96,10 @@ impl ArRunConfig {
     pub fn build<B: Backend>(&self, device: &B::Device, encode_text: bool) -> Result<ArWorld<B>> {
         self.model.validate().map_err(anyhow::Error::msg)?;
         let mut net = self.model.init::<B>(device);
-        let embedder = match &self.dws {
-            Some(d) => {
-                net = net.attach_action_modules(d.embedder.cond_dim, device);
-                Some(if encode_text {
-                    d.embedder.init(device)?
-                } else {
-                    d.embedder.init_skeleton(device)?
-                })
-            }
-            None => None,
-        };
+        if let Some(d) = &self.dws {
+            net = net.attach_action_modules(d.embedder.cond_dim, device);
+        }
+        let embedder = super::world::embedder_of(&self.dws, device, encode_text)?;
         Ok(ArWorld { net, embedder })
     }
 
@@ -187,13 +180,27 @@ fn check_frames(data: &[PathBuf], side: usize) -> Result<()> {
     Ok(())
 }
 
-/// `dws pretrain|finetune --backbone ar`.
-pub struct ArTrainJob {
-    pub config: ArRunConfig,
-    pub flags: TrainFlags,
+/// Trains an AR run (`dws pretrain --backbone ar`, `dws finetune` of an AR base) on the
+/// device of `flags`; a fresh finetune starts from `base`.
+pub fn train(config: ArRunConfig, flags: TrainFlags, base: Option<PathBuf>) -> Result<()> {
+    let samplers = super::world::samplers(&config.data, config.train.clip_len)?;
+    crate::device::dispatch(
+        flags.device,
+        ArTrainJob {
+            config,
+            flags,
+            base,
+            data: ClipSource { samplers },
+        },
+    )
+}
+
+struct ArTrainJob {
+    config: ArRunConfig,
+    flags: TrainFlags,
     /// The base run a fresh finetune starts from.
-    pub base: Option<PathBuf>,
-    pub data: ClipSource,
+    base: Option<PathBuf>,
+    data: ClipSource,
 }
 
 impl Job for ArTrainJob {

@@ -116,19 +116,27 @@ impl RunConfig {
         encode_text: bool,
     ) -> Result<WorldModel<B>> {
         let mut dit = self.model.init::<B>(device);
-        let embedder = match &self.dws {
-            Some(d) => {
-                dit = dit.attach_action_modules(d.embedder.cond_dim, device);
-                Some(if encode_text {
-                    d.embedder.init(device)?
-                } else {
-                    d.embedder.init_skeleton(device)?
-                })
-            }
-            None => None,
-        };
+        if let Some(d) = &self.dws {
+            dit = dit.attach_action_modules(d.embedder.cond_dim, device);
+        }
+        let embedder = embedder_of(&self.dws, device, encode_text)?;
         Ok(WorldModel { dit, embedder })
     }
+}
+
+/// The action embedder of a run's DWS settings (none for an action-free model); text
+/// embeddings are computed only with `encode_text` (otherwise zeros, for loading a
+/// checkpoint into).
+pub fn embedder_of<B: Backend>(
+    dws: &Option<DwsConfig>,
+    device: &B::Device,
+    encode_text: bool,
+) -> Result<Option<dws_models::embedders::ActionEmbedder<B>>> {
+    Ok(match dws {
+        Some(d) if encode_text => Some(d.embedder.init(device)?),
+        Some(d) => Some(d.embedder.init_skeleton(device)?),
+        None => None,
+    })
 }
 
 /// The run directory of a path that is a run or one of its checkpoints.
@@ -185,7 +193,7 @@ fn parse_dirs(data: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-fn samplers(dirs: &[PathBuf], clip_len: usize) -> Result<Vec<ClipSampler>> {
+pub fn samplers(dirs: &[PathBuf], clip_len: usize) -> Result<Vec<ClipSampler>> {
     dirs.iter()
         .map(|d| {
             let ds =
@@ -417,16 +425,7 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
         let config =
             super::ar::pretrain_config(&args.flags.preset, ar, train_cfg, tokenizer, data)?
                 .resolve(&args.flags)?;
-        let samplers = samplers(&config.data, config.train.clip_len)?;
-        return dispatch(
-            args.flags.device,
-            super::ar::ArTrainJob {
-                config,
-                flags: args.flags,
-                base: None,
-                data: ClipSource { samplers },
-            },
-        );
+        return super::ar::train(config, args.flags, None);
     }
     if args.tokenizer.is_some() {
         bail!("--tokenizer is for --backbone ar");
@@ -527,16 +526,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             ..base_cfg
         }
         .resolve(&args.flags)?;
-        let samplers = samplers(&config.data, config.train.clip_len)?;
-        return dispatch(
-            args.flags.device,
-            super::ar::ArTrainJob {
-                config,
-                flags: args.flags,
-                base: Some(args.base),
-                data: ClipSource { samplers },
-            },
-        );
+        return super::ar::train(config, args.flags, Some(args.base));
     }
     let base_cfg = RunConfig::read(&base_run).context("reading the base model's config")?;
     let config = RunConfig {
