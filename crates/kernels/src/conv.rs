@@ -120,7 +120,7 @@ fn col2im(s: &ConvShape, col: &[f32], g: usize, dx: &mut [f32]) {
 /// `dst[m, n] (+)= a[m, k] · b[k, n]` with explicit row and column strides; `dst` is
 /// row-major with row stride `dst_rs`. With `accumulate` its values must be initialised.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(crate) fn matmul(
     m: usize,
     n: usize,
     k: usize,

@@ -19,7 +19,7 @@ pub type Out = MaybeUninit<f32>;
 
 /// An initialised buffer seen as output slots. Sound because the kernels only ever
 /// write initialised values through it.
-fn as_out(dst: &mut [f32]) -> &mut [Out] {
+pub(crate) fn as_out(dst: &mut [f32]) -> &mut [Out] {
     // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and nothing writes an
     // uninitialised value through the returned slice.
     unsafe { &mut *(dst as *mut [f32] as *mut [Out]) }
@@ -327,6 +327,7 @@ macro_rules! multiversion {
         }
     };
 }
+pub(crate) use multiversion;
 
 #[inline(always)]
 fn forward_generic(op: Unary, dst: &mut [Out], src: &[f32]) {

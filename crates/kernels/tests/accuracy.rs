@@ -472,3 +472,102 @@ fn convolution_and_pooling_and_their_gradients_equal_burns_operations() {
         assert!(gap < 1e-3, "bias gradient gap {gap}");
     }
 }
+
+#[test]
+fn flash_attention_is_the_formula_across_tile_edges() {
+    // Lengths around the 64-row tiles, a value width other than the key width.
+    for (lq, lk, causal) in [
+        (1, 1, true),
+        (70, 70, true),
+        (130, 130, true),
+        (64, 64, false),
+        (5, 150, false),
+        (129, 3, false),
+    ] {
+        let (b, h, d, dv) = (2, 2, 16, 8);
+        let q = random::<Flex, 4>([b, h, lq, d], 1.5, 50);
+        let k = random::<Flex, 4>([b, h, lk, d], 1.5, 51);
+        let v = random::<Flex, 4>([b, h, lk, dv], 1.0, 52);
+        let (qs, ks, vs) = (values(q.clone()), values(k.clone()), values(v.clone()));
+        // The f64 formula, per value column (naive_attention takes dv == d).
+        let mut want = vec![0f64; b * h * lq * dv];
+        for c in 0..dv {
+            let vc: Vec<f32> = (0..b * h * lk)
+                .flat_map(|r| {
+                    let mut row = vec![0f32; d];
+                    row[0] = vs[r * dv + c];
+                    row
+                })
+                .collect();
+            let o = naive_attention(&qs, &ks, &vc, None, [b, h, lq, lk, d], causal);
+            for r in 0..b * h * lq {
+                want[r * dv + c] = o[r * d];
+            }
+        }
+        for (name, got) in [
+            (
+                "inference",
+                values(dws_kernels::flash_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    causal,
+                )),
+            ),
+            (
+                "training",
+                values(dws_kernels::flash_attention(
+                    Tensor::<A, 4>::from_inner(q.clone()),
+                    Tensor::<A, 4>::from_inner(k.clone()),
+                    Tensor::<A, 4>::from_inner(v.clone()),
+                    causal,
+                )),
+            ),
+        ] {
+            let gap = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (*g as f64 - w).abs())
+                .fold(0.0, f64::max);
+            assert!(gap < 2e-5, "{name}, {lq}x{lk}, causal {causal}: gap {gap}");
+        }
+    }
+}
+
+#[test]
+fn flash_attention_gradients_equal_burns_composition() {
+    for (l, lk, causal) in [(100, 100, true), (70, 70, false), (40, 90, false)] {
+        let (b, h, d) = (2, 2, 16);
+        let mk = |seed, shape: [usize; 4], scale| random::<A, 4>(shape, scale, seed).require_grad();
+        let grads_of = |flash: bool| {
+            let (q, k, v) = (
+                mk(60, [b, h, l, d], 1.5),
+                mk(61, [b, h, lk, d], 1.5),
+                mk(62, [b, h, lk, d], 1.0),
+            );
+            let w = random::<A, 4>([b, h, l, d], 1.0, 63);
+            let out = if flash {
+                dws_kernels::flash_attention(q.clone(), k.clone(), v.clone(), causal)
+            } else {
+                dws_kernels::attention_composed(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    None,
+                    causal,
+                    |s| softmax_reference(s, false),
+                )
+            };
+            let g = (out * w).sum().backward();
+            [q, k, v].map(|t| t.grad(&g).unwrap())
+        };
+        let (f, r) = (grads_of(true), grads_of(false));
+        for (i, (gf, gr)) in f.into_iter().zip(r).enumerate() {
+            let gap = max_gap(gf, gr);
+            assert!(
+                gap < 1e-4,
+                "{l}x{lk} causal {causal}: gradient {i} differs by {gap}"
+            );
+        }
+    }
+}

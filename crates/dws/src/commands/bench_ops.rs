@@ -134,8 +134,8 @@ fn measure<B: AutodiffBackend, const D: usize>(
 }
 
 /// Attention on `[B, H, L, d]` queries, keys and values: burn's `attention` against
-/// `dws_kernels::attention` (the same kernel without autodiff; with autodiff the fused
-/// softmax instead of burn's).
+/// `dws_kernels::attention` (its flash-style kernel), and the composed form (matmuls and
+/// the fused softmax) that dws used before.
 fn measure_attention<B: AutodiffBackend>(
     shape: [usize; 4],
     causal: bool,
@@ -157,30 +157,34 @@ fn measure_attention<B: AutodiffBackend>(
         is_causal: causal,
         ..Default::default()
     };
-    let fwd = |fused: bool| {
+    // 0: burn, 1: dws_kernels::attention (the flash kernel here), 2: the composed form
+    // (matmuls and the fused softmax) it replaced.
+    let run = |which: u8, q, k, v| match which {
+        0 => burn::tensor::module::attention(q, k, v, None, None, options),
+        1 => dws_kernels::attention(q, k, v, None, causal),
+        _ => dws_kernels::attention_composed(q, k, v, None, causal, dws_kernels::softmax),
+    };
+    let fwd = |which: u8| {
         time_ms(seconds, || {
             let (q, k, v) = (qkv[0].clone(), qkv[1].clone(), qkv[2].clone());
-            let y = if fused {
-                dws_kernels::attention(q, k, v, None, causal)
-            } else {
-                burn::tensor::module::attention(q, k, v, None, None, options)
-            };
+            let y = run(which, q, k, v);
             drop(y);
             let _ = sync();
         })
     };
-    let fwdbwd = |fused: bool| {
+    let run_ad = |which: u8, q, k, v| match which {
+        0 => burn::tensor::module::attention(q, k, v, None, None, options),
+        1 => dws_kernels::attention(q, k, v, None, causal),
+        _ => dws_kernels::attention_composed(q, k, v, None, causal, dws_kernels::softmax),
+    };
+    let fwdbwd = |which: u8| {
         time_ms(seconds, || {
             let t: Vec<Tensor<B, 4>> = qkv
                 .iter()
                 .map(|x| Tensor::<B, 4>::from_inner(x.clone()).require_grad())
                 .collect();
             let (q, k, v) = (t[0].clone(), t[1].clone(), t[2].clone());
-            let y = if fused {
-                dws_kernels::attention(q, k, v, None, causal)
-            } else {
-                burn::tensor::module::attention(q, k, v, None, None, options)
-            };
+            let y = run_ad(which, q, k, v);
             let grads = y.backward();
             for x in &t {
                 let _ = x.grad(&grads);
@@ -188,12 +192,16 @@ fn measure_attention<B: AutodiffBackend>(
             let _ = sync();
         })
     };
-    let results = [
-        ("fwd", fwd(false), fwd(true)),
-        ("fwdbwd", fwdbwd(false), fwdbwd(true)),
-    ];
+    let (f0, f1, f2) = (fwd(0), fwd(1), fwd(2));
+    let (b0, b1, b2) = (fwdbwd(0), fwdbwd(1), fwdbwd(2));
     sync()?;
-    record(&base, &results, out);
+    record(&base, &[("fwd", f0, f1), ("fwdbwd", b0, b1)], out);
+    // The composed form (matmuls and the fused softmax) the flash kernel replaced.
+    for (pass, flash, composed) in [("fwd", f1, f2), ("fwdbwd", b1, b2)] {
+        let key = format!("{base}/{pass}");
+        emit(&format!("{key}/composed_ms"), composed, "ms");
+        emit(&format!("{key}/fused_vs_composed"), composed / flash, "x");
+    }
     Ok(())
 }
 
@@ -232,6 +240,9 @@ impl crate::device::Job for OpsBench {
                 ([8, 6, 256, 64], false),
                 ([8, 6, 1024, 32], false),
                 ([8, 6, 256, 32], true),
+                ([8, 6, 1024, 32], true),
+                // The `small` AR transformer: 4 heads over 4 frames of 16×16 tokens.
+                ([8, 4, 1024, 32], true),
             ]
         };
         for &(shape, causal) in shapes {
