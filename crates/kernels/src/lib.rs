@@ -15,6 +15,7 @@ pub mod conv;
 pub mod flash;
 pub mod math;
 pub mod pool;
+pub mod rope;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -93,6 +94,14 @@ pub trait FusedBackend: Backend {
         grad: FloatTensor<Self>,
         causal: bool,
     ) -> [FloatTensor<Self>; 3];
+    /// Rotary positions ([`rope`]) of `x` `[B, L, H, d]` from position `start`
+    /// (`inverse`: the turn back, which is also the backward pass).
+    fn fused_rotary(
+        x: FloatTensor<Self>,
+        start: usize,
+        theta: f32,
+        inverse: bool,
+    ) -> FloatTensor<Self>;
     /// Max pooling of `[N, C, H, W]` (see [`pool::PoolShape`] for what it covers).
     fn fused_max_pool2d(x: FloatTensor<Self>, pool: PoolArgs) -> FloatTensor<Self>;
     /// [`FusedBackend::fused_max_pool2d`] with each output's winner (index in its plane).
@@ -404,6 +413,21 @@ impl FusedBackend for Flex {
         [flex_from(dq, qs), flex_from(dk, ks), flex_from(dv, vs)]
     }
 
+    fn fused_rotary(x: FlexTensor, start: usize, theta: f32, inverse: bool) -> FlexTensor {
+        let (c, shape) = flex_f32(&x);
+        let [batch, len, heads, dim] = shape.dims::<4>();
+        let s = rope::RopeShape {
+            batch,
+            len,
+            heads,
+            dim,
+            start,
+            theta,
+        };
+        let out = rope::rotate(s, c.as_slice::<f32>().expect("contiguous f32"), inverse);
+        flex_from(out, shape)
+    }
+
     fn fused_max_pool2d(x: FlexTensor, pool: PoolArgs) -> FlexTensor {
         Self::fused_max_pool2d_with_indices(x, pool).0
     }
@@ -516,6 +540,29 @@ impl<B: FusedBackend> Backward<B, 3> for ModulateGrad {
                 grads.register::<B>(node.id, g);
             }
         }
+    }
+}
+
+#[derive(Debug)]
+struct RotaryGrad {
+    start: usize,
+    theta: f32,
+    inverse: bool,
+}
+
+impl<B: FusedBackend> Backward<B, 1> for RotaryGrad {
+    type State = ();
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let (start, theta, inverse) = (self.start, self.theta, self.inverse);
+        ad_unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::fused_rotary(grad, start, theta, !inverse)
+        });
     }
 }
 
@@ -702,6 +749,22 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
                 )
             }
         }
+    }
+
+    fn fused_rotary(
+        x: FloatTensor<Self>,
+        start: usize,
+        theta: f32,
+        inverse: bool,
+    ) -> FloatTensor<Self> {
+        RotaryGrad {
+            start,
+            theta,
+            inverse,
+        }
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateless(B::fused_rotary(x.primitive, start, theta, inverse))
     }
 
     fn fused_attention_backward(
@@ -1071,6 +1134,52 @@ pub fn modulate<B: Backend>(
         },
     };
     out.reshape([b, f, n, d])
+}
+
+/// Rotary positions (RoPE, burn's `RotaryEncoding` convention: pairs `(x[2i], x[2i+1])`
+/// turned by `p · θ^(-2i/d)`) of `x` `[B, L, H, d]` at positions `start..start + L`: one
+/// fused pass forward and backward on Flex, burn's operations elsewhere.
+pub fn rotary<B: Backend>(x: Tensor<B, 4>, start: usize, theta: f32) -> Tensor<B, 4> {
+    if path::<B>() == Path::Fused && is_float(&x) {
+        let x = match on::<B, Flex, 4>(x, |p| Flex::fused_rotary(p, start, theta, false)) {
+            Ok(y) => return y,
+            Err(x) => x,
+        };
+        match on::<B, Autodiff<Flex>, 4>(x, |p| {
+            Autodiff::<Flex>::fused_rotary(p, start, theta, false)
+        }) {
+            Ok(y) => y,
+            Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
+        }
+    } else {
+        rotary_reference(x, start, theta)
+    }
+}
+
+/// [`rotary`] from burn's operations, on any backend.
+pub fn rotary_reference<B: Backend>(x: Tensor<B, 4>, start: usize, theta: f32) -> Tensor<B, 4> {
+    let [b, l, h, d] = x.dims();
+    let half = d / 2;
+    let device = x.device();
+    let (mut cos, mut sin) = (Vec::with_capacity(l * half), Vec::with_capacity(l * half));
+    for p in start..start + l {
+        for i in 0..half {
+            let freq = (theta as f64).powf(-2.0 * i as f64 / d as f64);
+            let (s, c) = (p as f64 * freq).sin_cos();
+            cos.push(c as f32);
+            sin.push(s as f32);
+        }
+    }
+    let table = |v: Vec<f32>| {
+        Tensor::<B, 1>::from_data(TensorData::new(v, [l * half]), &device)
+            .reshape([1, l, 1, half, 1])
+    };
+    let (cos, sin) = (table(cos), table(sin));
+    let pairs = x.reshape([b, l, h, half, 2]);
+    let (a, bb) = (pairs.clone().narrow(4, 0, 1), pairs.narrow(4, 1, 1));
+    let even = a.clone() * cos.clone() - bb.clone() * sin.clone();
+    let odd = a * sin + bb * cos;
+    Tensor::cat(vec![even, odd], 4).reshape([b, l, h, d])
 }
 
 type Three<B> = (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>);

@@ -571,3 +571,29 @@ fn flash_attention_gradients_equal_burns_composition() {
         }
     }
 }
+
+#[test]
+fn rotary_positions_match_burns_rotary_encoding_and_their_gradients_burns_ops() {
+    use burn::nn::RotaryEncodingConfig;
+    let (b, l, h, d, start) = (2, 9, 3, 8, 4);
+    let x = random::<Flex, 4>([b, l, h, d], 2.0, 70);
+    // burn's module takes [.., L, d] with positions along the second-to-last dimension.
+    let rope = RotaryEncodingConfig::new(start + l, d).init::<Flex>(&Default::default());
+    let want = rope.apply(x.clone().swap_dims(1, 2), start).swap_dims(1, 2);
+    let fused = dws_kernels::rotary(x.clone(), start, 10_000.0);
+    let reference = dws_kernels::rotary_reference(x.clone(), start, 10_000.0);
+    assert!(max_gap(fused, want.clone()) < 1e-5);
+    assert!(max_gap(reference, want) < 1e-5);
+    let grads = |fused: bool| {
+        let xa = Tensor::<A, 4>::from_inner(x.clone()).require_grad();
+        let w = random::<A, 4>([b, l, h, d], 1.0, 71);
+        let y = if fused {
+            dws_kernels::rotary(xa.clone(), start, 10_000.0)
+        } else {
+            dws_kernels::rotary_reference(xa.clone(), start, 10_000.0)
+        };
+        let g = (y * w).sum().backward();
+        xa.grad(&g).unwrap()
+    };
+    assert!(max_gap(grads(true), grads(false)) < 1e-5);
+}

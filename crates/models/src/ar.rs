@@ -20,12 +20,12 @@
 
 use crate::action_module::{ActionModule, ActionModuleConfig};
 use burn::module::Param;
-use burn::nn::{
-    Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding,
-    RotaryEncodingConfig,
-};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use dws_kernels::silu;
+use dws_kernels::{rotary, silu};
+
+/// Base of the rotary position frequencies.
+const ROPE_THETA: f32 = 10_000.0;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -120,7 +120,6 @@ impl ArConfig {
             action_modules: Vec::new(),
             norm: RmsNormConfig::new(d).init(device),
             head: linear(d, self.vocab),
-            rope: RotaryEncodingConfig::new(self.max_len() + 1, d / self.heads).init(device),
             heads: self.heads,
             tokens_per_frame: self.tokens_per_frame,
             max_frames: self.max_frames,
@@ -170,17 +169,18 @@ impl<B: Backend> ArBlock<B> {
         &self,
         x: Tensor<B, 3>,
         heads: usize,
-        rope: &RotaryEncoding<B>,
         start: usize,
         cache: Option<KvSlot<'_, B>>,
     ) -> Tensor<B, 3> {
         let [b, l, d] = x.dims();
         let dh = d / heads;
         let h = self.norm1.forward(x.clone());
-        let split = |t: Tensor<B, 3>| t.reshape([b, l, heads, dh]).swap_dims(1, 2);
-        let q = rope.apply(split(self.wq.forward(h.clone())), start);
-        let mut k = rope.apply(split(self.wk.forward(h.clone())), start);
-        let mut v = split(self.wv.forward(h));
+        let heads_of = |t: Tensor<B, 3>| t.reshape([b, l, heads, dh]);
+        // Rotary positions on [B, L, H, dh], then heads first.
+        let turn = |t: Tensor<B, 3>| rotary(heads_of(t), start, ROPE_THETA).swap_dims(1, 2);
+        let q = turn(self.wq.forward(h.clone()));
+        let mut k = turn(self.wk.forward(h.clone()));
+        let mut v = heads_of(self.wv.forward(h)).swap_dims(1, 2);
         let mut causal = true;
         if let Some((ck, cv)) = cache {
             if let (Some(pk), Some(pv)) = (ck.take(), cv.take()) {
@@ -215,7 +215,6 @@ pub struct ArTransformer<B: Backend> {
     pub action_modules: Vec<ActionModule<B>>,
     norm: RmsNorm<B>,
     head: Linear<B>,
-    rope: RotaryEncoding<B>,
     heads: usize,
     tokens_per_frame: usize,
     max_frames: usize,
@@ -257,7 +256,7 @@ impl<B: Backend> ArTransformer<B> {
         let mut x = self.input(tokens, b, l, f);
         for (i, block) in self.blocks.iter().enumerate() {
             x = self.modulate(i, x, cond.clone(), f);
-            x = block.forward(x, self.heads, &self.rope, 0, None);
+            x = block.forward(x, self.heads, 0, None);
         }
         self.head.forward(self.norm.forward(x))
     }
@@ -284,7 +283,7 @@ impl<B: Backend> ArTransformer<B> {
         for (i, block) in self.blocks.iter().enumerate() {
             x = self.modulate(i, x, cond.clone(), f);
             let (k, v) = (&mut cache.keys[i], &mut cache.values[i]);
-            x = block.forward(x, self.heads, &self.rope, 0, Some((k, v)));
+            x = block.forward(x, self.heads, 0, Some((k, v)));
         }
         cache.len = l;
     }
@@ -346,7 +345,7 @@ impl<B: Backend> ArTransformer<B> {
         for (i, block) in self.blocks.iter().enumerate() {
             x = self.modulate(i, x, cond.clone().map(|c| c.unsqueeze_dim::<3>(1)), 1);
             let (k, v) = (&mut cache.keys[i], &mut cache.values[i]);
-            x = block.forward(x, self.heads, &self.rope, p, Some((k, v)));
+            x = block.forward(x, self.heads, p, Some((k, v)));
         }
         cache.len += 1;
         self.head

@@ -18,6 +18,9 @@ use crate::vq::VqTokenizer;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rand::Rng;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 
 /// The trained pair that AR checkpoints hold (the tokenizer lives in its own run).
 #[derive(Module, Debug)]
@@ -77,18 +80,97 @@ pub struct ArLossConfig {
     pub temperature: f32,
 }
 
-/// Motion-weighted cross-entropy of the next-token predictions of a clip `x0`
-/// `[B, F, C, H, W]` in [-1, 1] with `F - 1` actions per clip (ignored by an action-free
-/// model). The tokenizer runs on the inner backend: it is not trained here.
+/// Token grids of frames tokenised before, keyed by a hash of their pixels: training
+/// draws the same frames again and again, and the tokenizer is fixed, so each frame goes
+/// through its encoder once.
+pub struct TokenCache {
+    map: HashMap<u64, Vec<u32>>,
+    /// Frames kept at most (later ones are tokenised every time).
+    capacity: usize,
+}
+
+impl TokenCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            capacity,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Token ids `[B, F · N]` of u8 frames `[B, F, H, W, 3]`.
+    pub fn tokenize<B: Backend>(
+        &mut self,
+        vq: &VqTokenizer<B>,
+        frames: &[u8],
+        [b, f, h, w]: [usize; 4],
+        device: &B::Device,
+    ) -> Tensor<B, 2, Int> {
+        let size = h * w * 3;
+        assert_eq!(frames.len(), b * f * size, "frames are not [B, F, H, W, 3]");
+        let keys: Vec<u64> = frames
+            .chunks_exact(size)
+            .map(|px| {
+                let mut hasher = DefaultHasher::new();
+                px.hash(&mut hasher);
+                hasher.finish()
+            })
+            .collect();
+        let missing: Vec<usize> = (0..keys.len())
+            .filter(|&i| !self.map.contains_key(&keys[i]))
+            .collect();
+        let mut fresh: HashMap<u64, Vec<u32>> = HashMap::new();
+        if !missing.is_empty() {
+            let px: Vec<u8> = missing
+                .iter()
+                .flat_map(|&i| frames[i * size..(i + 1) * size].iter().copied())
+                .collect();
+            let x = crate::flow::frames_to_tensor::<B>(&px, [missing.len(), 1, h, w, 3], device);
+            let ids: Vec<i64> = tokenize(vq, x)
+                .into_data()
+                .convert::<i64>()
+                .into_vec()
+                .expect("token ids");
+            let n = ids.len() / missing.len();
+            for (j, &i) in missing.iter().enumerate() {
+                let grid = ids[j * n..(j + 1) * n].iter().map(|&t| t as u32).collect();
+                fresh.insert(keys[i], grid);
+            }
+        }
+        let mut out = Vec::new();
+        for k in &keys {
+            let grid = self.map.get(k).or_else(|| fresh.get(k)).expect("tokenised");
+            out.extend(grid.iter().map(|&t| t as i64));
+        }
+        for (k, grid) in fresh {
+            if self.map.len() < self.capacity {
+                self.map.insert(k, grid);
+            }
+        }
+        let n = out.len() / (b * f);
+        Tensor::from_data(TensorData::new(out, [b, f * n]), device)
+    }
+}
+
+/// Motion-weighted cross-entropy of the next-token predictions of a clip: its tokens
+/// `[B, F · N]` and its frames `x0` `[B, F, C, H, W]` in [-1, 1] (for the motion
+/// weights), with `F - 1` actions per clip (ignored by an action-free model).
 pub fn ar_loss<B: AutodiffBackend>(
     world: &ArWorld<B>,
-    vq: &VqTokenizer<B::InnerBackend>,
+    tokens: Tensor<B::InnerBackend, 2, Int>,
     x0: Tensor<B::InnerBackend, 5>,
     actions: Option<&ActionBatch<B>>,
     cfg: &ArLossConfig,
 ) -> Tensor<B, 1> {
     let grid = (world.net.tokens_per_frame() as f64).sqrt().round() as usize;
-    let tokens = Tensor::<B, 2, Int>::from_inner(tokenize(vq, x0.clone()));
+    let tokens = Tensor::<B, 2, Int>::from_inner(tokens);
     let weights = (cfg.motion != MotionLoss::None).then(|| {
         let w = motion_weights(x0, cfg.motion, cfg.strength, cfg.temperature);
         Tensor::<B, 2>::from_inner(pool_to_tokens(w, grid))

@@ -15,7 +15,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use dws_data::Dataset;
 use dws_models::ar::{ArConfig, Sampling};
-use dws_models::ar_world::{ar_loss, ar_rollout, ArLossConfig, ArWorld};
+use dws_models::ar_world::{ar_loss, ar_rollout, ArLossConfig, ArWorld, TokenCache};
 use dws_models::checkpoint;
 use dws_models::embedders::ActionBatch;
 use dws_models::flow::{frames_to_tensor, rollout, WorldModel};
@@ -267,6 +267,8 @@ impl Job for ArTrainJob {
         };
         let started = std::time::Instant::now();
         let freeze = cfg.train_new_only;
+        // Every frame of the data, up to 1 GiB of token ids.
+        let mut cache = TokenCache::new((1 << 28) / cfg.model.tokens_per_frame.max(1));
         train_loop(
             run,
             world,
@@ -280,13 +282,12 @@ impl Job for ArTrainJob {
             |w: ArWorld<B>| if freeze { w.freeze_base() } else { w },
             |world, clips, _rng| {
                 let [h, w, c] = clips.frame_shape;
-                let x0 = frames_to_tensor::<B::InnerBackend>(
-                    &clips.frames,
-                    [clips.batch, clips.len, h, w, c],
-                    &device,
-                );
+                let (b, f) = (clips.batch, clips.len);
+                let x0 =
+                    frames_to_tensor::<B::InnerBackend>(&clips.frames, [b, f, h, w, c], &device);
+                let tokens = cache.tokenize(&vq, &clips.frames, [b, f, h, w], &device);
                 let actions = clip_actions::<B>(clips, &device);
-                ar_loss(world, &vq, x0, actions.as_ref(), &loss_cfg)
+                ar_loss(world, tokens, x0, actions.as_ref(), &loss_cfg)
             },
         )?;
         bar.finish_and_clear();
