@@ -22,8 +22,11 @@ pub struct RopeShape {
 /// `(cos, sin)` `[len, dim / 2]` of positions `start..start + len`.
 type Table = Arc<(Vec<f32>, Vec<f32>)>;
 
+/// Tables by (start, len, dim, theta's bits).
+type Tables = HashMap<(usize, usize, usize, u32), Table>;
+
 fn table(s: &RopeShape) -> Table {
-    static CACHE: Mutex<Option<HashMap<(usize, usize, usize, u32), Table>>> = Mutex::new(None);
+    static CACHE: Mutex<Option<Tables>> = Mutex::new(None);
     let key = (s.start, s.len, s.dim, s.theta.to_bits());
     let mut guard = CACHE.lock().expect("rope table cache");
     let map = guard.get_or_insert_with(HashMap::new);
