@@ -25,6 +25,11 @@ pub enum Command {
     Train {
         #[arg(long, default_value = "small")]
         preset: String,
+        /// flow, or ar: the token transformer of the preset's `[ar]` table over 16×16
+        /// tokens of 1,024 codes (the `small` tokenizer's), on random tokens (training
+        /// tokenises each frame once, so the tokenizer is not timed).
+        #[arg(long, default_value = "flow")]
+        backbone: String,
         /// Timed steps (after one warm-up step).
         #[arg(long, default_value_t = 5)]
         steps: usize,
@@ -222,6 +227,7 @@ fn random_clips(batch: usize, len: usize, rng: &mut ChaCha8Rng) -> dws_data::Cli
 struct TrainBench {
     preset: String,
     steps: usize,
+    ar: bool,
 }
 
 impl crate::device::Job for TrainBench {
@@ -231,10 +237,14 @@ impl crate::device::Job for TrainBench {
         let mut means = Vec::new();
         for fused in [false, true] {
             dws_kernels::set_enabled(fused);
-            let mean = self.time_steps::<B>(&device)?;
+            let mean = if self.ar {
+                self.time_ar_steps::<B>(&device)?
+            } else {
+                self.time_steps::<B>(&device)?
+            };
             let which = if fused { "fused" } else { "burn_ops" };
             emit(
-                &format!("train/{}/{which}/ms_per_step", self.preset),
+                &format!("train/{}/{which}/ms_per_step", self.name()),
                 mean * 1e3,
                 "ms",
             );
@@ -242,22 +252,112 @@ impl crate::device::Job for TrainBench {
         }
         dws_kernels::set_enabled(true);
         emit(
-            &format!("train/{}/fused_speedup", self.preset),
+            &format!("train/{}/fused_speedup", self.name()),
             means[0] / means[1],
             "x",
         );
         let preset = super::world::load_preset(&self.preset)?;
         let cfg = &preset.finetune;
+        let per_frame = if self.ar {
+            AR_TOKENS
+        } else {
+            preset.model.tokens_per_frame()
+        };
         emit(
-            &format!("train/{}/tokens_per_step", self.preset),
-            (cfg.batch * cfg.clip_len * preset.model.tokens_per_frame()) as f64,
+            &format!("train/{}/tokens_per_step", self.name()),
+            (cfg.batch * cfg.clip_len * per_frame) as f64,
             "tokens",
         );
         Ok(())
     }
 }
 
+/// Tokens per frame of the `small` tokenizer (16×16) and its codebook size.
+const AR_TOKENS: usize = 256;
+const AR_VOCAB: usize = 1024;
+
 impl TrainBench {
+    fn name(&self) -> String {
+        if self.ar {
+            format!("{}_ar", self.preset)
+        } else {
+            self.preset.clone()
+        }
+    }
+
+    /// Mean seconds per AR fine-tuning step (DWS modules, table embedder, motion-weighted
+    /// token loss) after one warm-up step.
+    fn time_ar_steps<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<f64> {
+        use anyhow::Context;
+        use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+        use burn::prelude::*;
+        use dws_models::ar_world::{ar_loss, ArLossConfig, ArWorld};
+        let preset = super::world::load_preset(&self.preset)?;
+        let ar = preset
+            .ar
+            .as_ref()
+            .with_context(|| format!("preset `{}` has no [ar] table", self.preset))?;
+        let cfg = &preset.finetune;
+        let model = dws_models::ar::ArConfig {
+            vocab: AR_VOCAB,
+            tokens_per_frame: AR_TOKENS,
+            max_frames: cfg.clip_len,
+            width: ar.width,
+            depth: ar.depth,
+            heads: ar.heads,
+            mlp_hidden: ar.mlp_hidden,
+        };
+        let embedder = dws_models::embedders::EmbedderConfig {
+            kind: dws_models::embedders::EmbedderKind::Table,
+            actions: dws_models::embedders::ActionKind::Discrete {
+                n: 15,
+                templates: vec![String::new(); 15],
+            },
+            cond_dim: preset.dws.cond_dim,
+        };
+        let mut world = ArWorld {
+            net: model
+                .init::<B>(device)
+                .attach_action_modules(preset.dws.cond_dim, device),
+            embedder: Some(embedder.init(device)?),
+        };
+        let mut optim = AdamWConfig::new().init::<B, ArWorld<B>>();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let loss_cfg = ArLossConfig {
+            motion: cfg.motion_loss,
+            strength: cfg.motion_strength,
+            temperature: cfg.motion_temperature,
+        };
+        let mut times = Vec::new();
+        for i in 0..=self.steps {
+            use rand::Rng;
+            let clips = random_clips(cfg.batch, cfg.clip_len, &mut rng);
+            let n = cfg.batch * cfg.clip_len * AR_TOKENS;
+            let ids: Vec<i64> = (0..n).map(|_| rng.gen_range(0..AR_VOCAB as i64)).collect();
+            let started = Instant::now();
+            let tokens = Tensor::<B::InnerBackend, 2, Int>::from_data(
+                TensorData::new(ids, [cfg.batch, cfg.clip_len * AR_TOKENS]),
+                device,
+            );
+            let x0 = dws_models::flow::frames_to_tensor::<B::InnerBackend>(
+                &clips.frames,
+                [clips.batch, clips.len, 64, 64, 3],
+                device,
+            );
+            let actions = dws_models::train::clip_actions::<B>(&clips, device);
+            let loss = ar_loss(&world, tokens, x0, actions.as_ref(), &loss_cfg);
+            let grads = GradientsParams::from_grads(loss.backward(), &world);
+            world = optim.step(1e-4, world, grads);
+            if i > 0 {
+                times.push(started.elapsed().as_secs_f64());
+            }
+        }
+        Ok(times.iter().sum::<f64>() / times.len().max(1) as f64)
+    }
+
     /// Mean seconds per training step after one warm-up step.
     fn time_steps<B: burn::tensor::backend::AutodiffBackend>(
         &self,
@@ -598,9 +698,17 @@ pub fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Train {
             preset,
+            backbone,
             steps,
             device,
-        } => crate::device::dispatch(device, TrainBench { preset, steps })?,
+        } => {
+            let ar = match backbone.as_str() {
+                "flow" => false,
+                "ar" => true,
+                other => anyhow::bail!("unknown --backbone `{other}`: flow or ar"),
+            };
+            crate::device::dispatch(device, TrainBench { preset, steps, ar })?
+        }
         Command::Offline {
             batch,
             steps,
