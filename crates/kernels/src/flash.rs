@@ -13,7 +13,7 @@
 //! `0..=i` (only for `Lq == Lk`, where every convention agrees).
 
 use crate::conv::matmul;
-use crate::math::{exp, level, multiversion, Level};
+use crate::math::{exp, level, multiversion, Level, MulAdd};
 use rayon::prelude::*;
 
 /// Queries per tile.
@@ -90,7 +90,7 @@ fn scores(
 }
 
 #[inline(always)]
-fn scale_mask_generic(
+fn scale_mask_generic<M: MulAdd>(
     s: &mut [f32],
     bk: usize,
     (i0, j0): (usize, usize),
@@ -117,7 +117,7 @@ const LANES: usize = 16;
 /// scores into `e^(s - m)` with each row's new running max `m`, rescales the rows'
 /// sums and outputs `o` `[bq, dv]` to that max.
 #[inline(always)]
-fn online_softmax_generic(
+fn online_softmax_generic<M: MulAdd>(
     sc: &mut [f32],
     bk: usize,
     m: &mut [f32],
@@ -147,17 +147,17 @@ fn online_softmax_generic(
         let n = row.len() / LANES * LANES;
         for c in row[..n].chunks_exact_mut(LANES) {
             for i in 0..LANES {
-                let e = exp(c[i] - m_new);
+                let e = exp::<M>(c[i] - m_new);
                 c[i] = e;
                 acc[i] += e;
             }
         }
         let mut row_sum: f32 = acc.iter().sum();
         for x in &mut row[n..] {
-            *x = exp(*x - m_new);
+            *x = exp::<M>(*x - m_new);
             row_sum += *x;
         }
-        let alpha = exp(m[r] - m_new);
+        let alpha = exp::<M>(m[r] - m_new);
         sum[r] = sum[r] * alpha + row_sum;
         if alpha != 1.0 {
             for x in &mut o[r * dv..(r + 1) * dv] {
@@ -172,13 +172,13 @@ multiversion!(online_softmax_generic, online_softmax_at, (sc: &mut [f32], bk: us
 /// Probabilities `e^(s - lse)` of a tile of scores `[bq, bk]` from each row's log-sum-exp
 /// (0 for a row that sees no key).
 #[inline(always)]
-fn probs_generic(p: &mut [f32], bk: usize, lse: &[f32]) {
+fn probs_generic<M: MulAdd>(p: &mut [f32], bk: usize, lse: &[f32]) {
     for (row, &l) in p.chunks_exact_mut(bk).zip(lse) {
         if l == f32::NEG_INFINITY {
             row.fill(0.0);
         } else {
             for x in row.iter_mut() {
-                *x = exp(*x - l);
+                *x = exp::<M>(*x - l);
             }
         }
     }
@@ -187,7 +187,7 @@ multiversion!(probs_generic, probs_at, (p: &mut [f32], bk: usize, lse: &[f32]));
 
 /// `ds = p ⊙ (dp − delta) · scale`, into `dp`.
 #[inline(always)]
-fn dscores_generic(dp: &mut [f32], p: &[f32], bk: usize, delta: &[f32], scale: f32) {
+fn dscores_generic<M: MulAdd>(dp: &mut [f32], p: &[f32], bk: usize, delta: &[f32], scale: f32) {
     for ((drow, prow), &dl) in dp.chunks_exact_mut(bk).zip(p.chunks_exact(bk)).zip(delta) {
         for (x, &pv) in drow.iter_mut().zip(prow) {
             *x = pv * (*x - dl) * scale;

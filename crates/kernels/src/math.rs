@@ -106,25 +106,52 @@ fn select(c: bool, a: f32, b: f32) -> f32 {
     }
 }
 
+/// How the polynomials multiply and add: one fused instruction where the CPU has it (the
+/// AVX2 and AVX-512 builds, aarch64), a multiply then an add elsewhere (a fused
+/// multiply-add there would be a library call).
+pub trait MulAdd {
+    fn fma(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// `a · b + c` rounded once.
+pub struct Fused;
+
+/// `a · b + c` rounded twice.
+pub struct Separate;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
 /// e^x: x = n ln2 + r with |r| ≤ ln2 / 2, e^r by its degree-6 Taylor polynomial (error
 /// r^7/7! < 1.3e-7 relative), 2^n built in the exponent bits (as 2^(n-1) · 2 so n = 128
 /// stays finite).
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+pub fn exp<M: MulAdd>(x: f32) -> f32 {
     let xc = x.clamp(EXP_LO, EXP_HI);
     let k = xc * LOG2E + ROUNDER;
     let n = k - ROUNDER;
     // n as an integer, read from k's mantissa (k = 1.5 · 2^23 + n): a float-to-int cast
     // would keep the compiler from vectorising the loop.
     let ni = (k.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let r = M::fma(-n, LN2_LO, M::fma(-n, LN2_HI, xc));
     let p = 1.0 / 720.0;
-    let p = p * r + 1.0 / 120.0;
-    let p = p * r + 1.0 / 24.0;
-    let p = p * r + 1.0 / 6.0;
-    let p = p * r + 0.5;
-    let p = p * r + 1.0;
-    let p = p * r + 1.0;
+    let p = M::fma(p, r, 1.0 / 120.0);
+    let p = M::fma(p, r, 1.0 / 24.0);
+    let p = M::fma(p, r, 1.0 / 6.0);
+    let p = M::fma(p, r, 0.5);
+    let p = M::fma(p, r, 1.0);
+    let p = M::fma(p, r, 1.0);
     // 2^(n-1), then times 2: 2^128 itself is not a finite f32.
     let half_scale = f32::from_bits(((ni + 126) << 23) as u32);
     let y = (p * half_scale) * 2.0;
@@ -136,107 +163,107 @@ pub fn exp(x: f32) -> f32 {
 /// erf: the odd Taylor series to x^15 below 0.5; above, Abramowitz & Stegun 7.1.26
 /// (1 - t(a1 + t(a2 + ...)) e^{-x^2}, t = 1 / (1 + p x), absolute error 1.5e-7).
 #[inline(always)]
-pub fn erf(x: f32) -> f32 {
+pub fn erf<M: MulAdd>(x: f32) -> f32 {
     let a = x.abs();
     // Small |x|.
     let x2 = x * x;
     let s = -1.0 / 75_600.0;
-    let s = s * x2 + 1.0 / 9_360.0;
-    let s = s * x2 - 1.0 / 1_320.0;
-    let s = s * x2 + 1.0 / 216.0;
-    let s = s * x2 - 1.0 / 42.0;
-    let s = s * x2 + 1.0 / 10.0;
-    let s = s * x2 - 1.0 / 3.0;
-    let s = s * x2 + 1.0;
+    let s = M::fma(s, x2, 1.0 / 9_360.0);
+    let s = M::fma(s, x2, -1.0 / 1_320.0);
+    let s = M::fma(s, x2, 1.0 / 216.0);
+    let s = M::fma(s, x2, -1.0 / 42.0);
+    let s = M::fma(s, x2, 1.0 / 10.0);
+    let s = M::fma(s, x2, -1.0 / 3.0);
+    let s = M::fma(s, x2, 1.0);
     let small = FRAC_2_SQRT_PI * x * s;
-    let y = select(a < 0.5, small, erf_abs(x));
+    let y = select(a < 0.5, small, erf_abs::<M>(x));
     select(x.is_nan(), x, y)
 }
 
 /// erf by Abramowitz & Stegun 7.1.26 alone (absolute error 1.5e-7, no series near 0):
 /// enough wherever erf is added to 1, as in GELU's normal CDF.
 #[inline(always)]
-fn erf_abs(x: f32) -> f32 {
+fn erf_abs<M: MulAdd>(x: f32) -> f32 {
     let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let t = 1.0 / M::fma(0.327_591_1, a, 1.0);
     let q = 1.061_405_4;
-    let q = q * t - 1.453_152_1;
-    let q = q * t + 1.421_413_8;
-    let q = q * t - 0.284_496_74;
-    let q = q * t + 0.254_829_6;
-    let big = 1.0 - q * t * exp(-x * x);
+    let q = M::fma(q, t, -1.453_152_1);
+    let q = M::fma(q, t, 1.421_413_8);
+    let q = M::fma(q, t, -0.284_496_74);
+    let q = M::fma(q, t, 0.254_829_6);
+    let big = 1.0 - q * t * exp::<M>(-x * x);
     select(x < 0.0, -big, big)
 }
 
 /// tanh: the odd Taylor series to x^9 below 0.1; above, 1 - 2 / (e^{2|x|} + 1) with the
 /// sign of x.
 #[inline(always)]
-pub fn tanh(x: f32) -> f32 {
+pub fn tanh<M: MulAdd>(x: f32) -> f32 {
     let a = x.abs();
     let x2 = x * x;
     let s = 62.0 / 2835.0;
-    let s = s * x2 - 17.0 / 315.0;
-    let s = s * x2 + 2.0 / 15.0;
-    let s = s * x2 - 1.0 / 3.0;
-    let s = s * x2 + 1.0;
+    let s = M::fma(s, x2, -17.0 / 315.0);
+    let s = M::fma(s, x2, 2.0 / 15.0);
+    let s = M::fma(s, x2, -1.0 / 3.0);
+    let s = M::fma(s, x2, 1.0);
     let small = x * s;
-    let big = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
+    let big = 1.0 - 2.0 / (exp::<M>(2.0 * a) + 1.0);
     let big = select(x < 0.0, -big, big);
     let y = select(a < 0.1, small, big);
     select(x.is_nan(), x, y)
 }
 
 #[inline(always)]
-pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp(-x))
+pub fn sigmoid<M: MulAdd>(x: f32) -> f32 {
+    1.0 / (1.0 + exp::<M>(-x))
 }
 
 #[inline(always)]
-pub fn silu(x: f32) -> f32 {
-    select(x == f32::NEG_INFINITY, 0.0, x * sigmoid(x))
+pub fn silu<M: MulAdd>(x: f32) -> f32 {
+    select(x == f32::NEG_INFINITY, 0.0, x * sigmoid::<M>(x))
 }
 
 #[inline(always)]
-pub fn gelu(x: f32) -> f32 {
+pub fn gelu<M: MulAdd>(x: f32) -> f32 {
     select(
         x == f32::NEG_INFINITY,
         0.0,
-        0.5 * x * (1.0 + erf_abs(x * FRAC_1_SQRT_2)),
+        0.5 * x * (1.0 + erf_abs::<M>(x * FRAC_1_SQRT_2)),
     )
 }
 
 #[inline(always)]
-pub fn gelu_tanh(x: f32) -> f32 {
+pub fn gelu_tanh<M: MulAdd>(x: f32) -> f32 {
     let u = GELU_K * (x + GELU_C * x * x * x);
-    select(x == f32::NEG_INFINITY, 0.0, 0.5 * x * (1.0 + tanh(u)))
+    select(x == f32::NEG_INFINITY, 0.0, 0.5 * x * (1.0 + tanh::<M>(u)))
 }
 
 /// The derivative of each function at x, times g.
 #[inline(always)]
-fn grad(op: Unary, x: f32, g: f32) -> f32 {
+fn grad<M: MulAdd>(op: Unary, x: f32, g: f32) -> f32 {
     match op {
-        Unary::Exp => g * exp(x),
-        Unary::Erf => g * FRAC_2_SQRT_PI * exp(-x * x),
+        Unary::Exp => g * exp::<M>(x),
+        Unary::Erf => g * FRAC_2_SQRT_PI * exp::<M>(-x * x),
         Unary::Tanh => {
-            let t = tanh(x);
+            let t = tanh::<M>(x);
             g * (1.0 - t * t)
         }
         Unary::Sigmoid => {
-            let s = sigmoid(x);
+            let s = sigmoid::<M>(x);
             g * s * (1.0 - s)
         }
         Unary::Silu => {
-            let s = sigmoid(x);
+            let s = sigmoid::<M>(x);
             g * s * (1.0 + x * (1.0 - s))
         }
         Unary::Gelu => {
-            let cdf = 0.5 * (1.0 + erf_abs(x * FRAC_1_SQRT_2));
-            let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+            let cdf = 0.5 * (1.0 + erf_abs::<M>(x * FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * exp::<M>(-0.5 * x * x);
             g * (cdf + x * pdf)
         }
         Unary::GeluTanh => {
             let u = GELU_K * (x + GELU_C * x * x * x);
-            let t = tanh(u);
+            let t = tanh::<M>(u);
             let du = GELU_K * (1.0 + 3.0 * GELU_C * x * x);
             g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
         }
@@ -244,15 +271,15 @@ fn grad(op: Unary, x: f32, g: f32) -> f32 {
 }
 
 #[inline(always)]
-fn value(op: Unary, x: f32) -> f32 {
+fn value<M: MulAdd>(op: Unary, x: f32) -> f32 {
     match op {
-        Unary::Exp => exp(x),
-        Unary::Erf => erf(x),
-        Unary::Tanh => tanh(x),
-        Unary::Sigmoid => sigmoid(x),
-        Unary::Silu => silu(x),
-        Unary::Gelu => gelu(x),
-        Unary::GeluTanh => gelu_tanh(x),
+        Unary::Exp => exp::<M>(x),
+        Unary::Erf => erf::<M>(x),
+        Unary::Tanh => tanh::<M>(x),
+        Unary::Sigmoid => sigmoid::<M>(x),
+        Unary::Silu => silu::<M>(x),
+        Unary::Gelu => gelu::<M>(x),
+        Unary::GeluTanh => gelu_tanh::<M>(x),
     }
 }
 
@@ -308,11 +335,11 @@ macro_rules! multiversion {
             {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
-                    $generic($($arg),*)
+                    $generic::<$crate::math::Fused>($($arg),*)
                 }
                 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
                 unsafe fn avx512($($arg: $ty),*) {
-                    $generic($($arg),*)
+                    $generic::<$crate::math::Fused>($($arg),*)
                 }
                 match level {
                     // SAFETY: `level()` found these instructions on this CPU.
@@ -323,14 +350,17 @@ macro_rules! multiversion {
                 }
             }
             let _ = level;
-            $generic($($arg),*)
+            #[cfg(target_arch = "aarch64")]
+            return $generic::<$crate::math::Fused>($($arg),*);
+            #[cfg(not(target_arch = "aarch64"))]
+            $generic::<$crate::math::Separate>($($arg),*)
         }
     };
 }
 pub(crate) use multiversion;
 
 #[inline(always)]
-fn forward_generic(op: Unary, dst: &mut [Out], src: &[f32]) {
+fn forward_generic<M: MulAdd>(op: Unary, dst: &mut [Out], src: &[f32]) {
     // One loop per function, so each is vectorised on its own.
     macro_rules! each {
         ($($v:ident => $f:expr),*) => {
@@ -343,19 +373,19 @@ fn forward_generic(op: Unary, dst: &mut [Out], src: &[f32]) {
             }
         };
     }
-    each!(Exp => exp, Erf => erf, Tanh => tanh, Sigmoid => sigmoid, Silu => silu,
-          Gelu => gelu, GeluTanh => gelu_tanh);
+    each!(Exp => exp::<M>, Erf => erf::<M>, Tanh => tanh::<M>, Sigmoid => sigmoid::<M>,
+          Silu => silu::<M>, Gelu => gelu::<M>, GeluTanh => gelu_tanh::<M>);
 }
 multiversion!(forward_generic, forward_at, (op: Unary, dst: &mut [Out], src: &[f32]));
 
 #[inline(always)]
-fn backward_generic(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
+fn backward_generic<M: MulAdd>(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
     macro_rules! each {
         ($($v:ident),*) => {
             match op {
                 $(Unary::$v => {
                     for ((d, &x), &g) in dst.iter_mut().zip(x).zip(g) {
-                        d.write(grad(Unary::$v, x, g));
+                        d.write(grad::<M>(Unary::$v, x, g));
                     }
                 })*
             }
@@ -395,12 +425,26 @@ pub fn backward_into(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
 
 /// The single value, for tests and scalar callers.
 pub fn scalar(op: Unary, x: f32) -> f32 {
-    value(op, x)
+    if fused_here() {
+        value::<Fused>(op, x)
+    } else {
+        value::<Separate>(op, x)
+    }
 }
 
 /// The single derivative times g, for tests.
 pub fn scalar_grad(op: Unary, x: f32, g: f32) -> f32 {
-    grad(op, x, g)
+    if fused_here() {
+        grad::<Fused>(op, x, g)
+    } else {
+        grad::<Separate>(op, x, g)
+    }
+}
+
+/// Whether the vector kernels on this CPU multiply-add in one rounding (as
+/// `multiversion!` picks them), so the scalar functions can round the same way.
+fn fused_here() -> bool {
+    cfg!(target_arch = "aarch64") || level() != Level::Generic
 }
 
 // Softmax along rows of length `n`.
@@ -428,7 +472,7 @@ fn row_max(s: &[f32]) -> f32 {
 
 /// `d[i] = e^(s[i] - m)`; returns their sum.
 #[inline(always)]
-fn exp_shifted(d: &mut [Out], s: &[f32], m: f32) -> f32 {
+fn exp_shifted<M: MulAdd>(d: &mut [Out], s: &[f32], m: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let n = s.len() / LANES * LANES;
     for (dc, sc) in d[..n]
@@ -436,14 +480,14 @@ fn exp_shifted(d: &mut [Out], s: &[f32], m: f32) -> f32 {
         .zip(s[..n].chunks_exact(LANES))
     {
         for i in 0..LANES {
-            let e = exp(sc[i] - m);
+            let e = exp::<M>(sc[i] - m);
             dc[i].write(e);
             acc[i] += e;
         }
     }
     let mut sum = 0.0;
     for (o, &v) in d[n..].iter_mut().zip(&s[n..]) {
-        let e = exp(v - m);
+        let e = exp::<M>(v - m);
         o.write(e);
         sum += e;
     }
@@ -481,7 +525,7 @@ fn sum(a: &[f32]) -> f32 {
 /// starting at global row `first`: row i keeps its first `i + 1` entries (keys 0..=i,
 /// burn's convention) and the rest are 0.
 #[inline(always)]
-fn softmax_rows_generic(
+fn softmax_rows_generic<M: MulAdd>(
     dst: &mut [Out],
     src: &[f32],
     n: usize,
@@ -502,7 +546,7 @@ fn softmax_rows_generic(
         }
         let s = &s[..valid];
         let m = row_max(s);
-        let total = exp_shifted(d, s, m);
+        let total = exp_shifted::<M>(d, s, m);
         // SAFETY: `exp_shifted` wrote every element of the row.
         let d = unsafe { assume_init(d) };
         if log {
@@ -521,7 +565,7 @@ fn softmax_rows_generic(
 multiversion!(softmax_rows_generic, softmax_rows_at, (dst: &mut [Out], src: &[f32], n: usize, log: bool, causal: Option<(usize, usize)>));
 
 #[inline(always)]
-fn softmax_back_generic(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bool) {
+fn softmax_back_generic<M: MulAdd>(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bool) {
     for ((d, y), g) in dst
         .chunks_exact_mut(n)
         .zip(y.chunks_exact(n))
@@ -530,7 +574,7 @@ fn softmax_back_generic(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, log: bo
         if log {
             let s = sum(g);
             for ((o, &y), &g) in d.iter_mut().zip(y).zip(g) {
-                o.write(g - exp(y) * s);
+                o.write(g - exp::<M>(y) * s);
             }
         } else {
             let dot = dot(y, g);
