@@ -89,6 +89,8 @@ fn scores(
     scale_mask_at(level(), &mut dst[..bq * bk], bk, (i0, j0), causal, scale);
 }
 
+// `multiversion!` hands every body the MulAdd type; these need none.
+#[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
 fn scale_mask_generic<M: MulAdd>(
     s: &mut [f32],
@@ -186,6 +188,8 @@ fn probs_generic<M: MulAdd>(p: &mut [f32], bk: usize, lse: &[f32]) {
 multiversion!(probs_generic, probs_at, (p: &mut [f32], bk: usize, lse: &[f32]));
 
 /// `ds = p ⊙ (dp − delta) · scale`, into `dp`.
+// `multiversion!` hands every body the MulAdd type; these need none.
+#[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
 fn dscores_generic<M: MulAdd>(dp: &mut [f32], p: &[f32], bk: usize, delta: &[f32], scale: f32) {
     for ((drow, prow), &dl) in dp.chunks_exact_mut(bk).zip(p.chunks_exact(bk)).zip(delta) {
