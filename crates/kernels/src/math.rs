@@ -451,7 +451,7 @@ fn fused_here() -> bool {
 
 /// Lanes of the reductions: separate accumulators, so strict float order still lets the
 /// compiler vectorise them.
-const LANES: usize = 8;
+const LANES: usize = 16;
 
 #[inline(always)]
 fn row_max(s: &[f32]) -> f32 {
