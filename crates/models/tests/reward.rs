@@ -93,13 +93,16 @@ fn the_reward_model_learns_rewards_from_frames_and_actions_and_ends_from_frames(
         )
     };
     let mut first = None;
-    for _ in 0..500 {
+    // 1,000 steps at 1e-3: at 3e-3 for 500 steps some initialisations (seeds 2 and 4,
+    // or seed 1 after a one-ulp change in the kernels' rounding) stayed on a plateau
+    // (MSE about 0.25); these settings pass for every seed tried (1-4).
+    for _ in 0..1000 {
         let b = batch(32, &mut rng);
         let (p, r, d) = tensors(&b);
         let (loss, mse, bce) = model.loss(p, embed(&b.actions), r, d, cfg.done_weight, None);
         first.get_or_insert((mse, bce));
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(3e-3, model, grads);
+        model = optim.step(1e-3, model, grads);
     }
     let test = batch(256, &mut rng);
     let (p, _, _) = tensors(&test);
