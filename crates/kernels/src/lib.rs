@@ -1021,18 +1021,31 @@ pub fn attention<B: Backend>(
     }
     if causal {
         // The mask inside the softmax kernel, not built with separate operations.
-        return attention_composed(q, k, v, bias, false, |s| {
-            let s = match on::<B, Flex, 4>(s, Flex::fused_softmax_causal) {
-                Ok(y) => return y,
-                Err(s) => s,
-            };
-            match on::<B, Autodiff<Flex>, 4>(s, Autodiff::<Flex>::fused_softmax_causal) {
-                Ok(y) => y,
-                Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
-            }
-        });
+        return attention_composed(q, k, v, bias, false, softmax_causal);
     }
     attention_composed(q, k, v, bias, false, softmax)
+}
+
+/// Softmax along the last dimension of `[.., Lq, Lk]` scores over each query i's keys
+/// `0..=i` (the other entries 0): the mask inside the fused kernel on Flex, a mask and
+/// burn's softmax elsewhere.
+pub fn softmax_causal<B: Backend>(s: Tensor<B, 4>) -> Tensor<B, 4> {
+    if path::<B>() == Path::Fused && is_float(&s) {
+        let s = match on::<B, Flex, 4>(s, Flex::fused_softmax_causal) {
+            Ok(y) => return y,
+            Err(s) => s,
+        };
+        match on::<B, Autodiff<Flex>, 4>(s, Autodiff::<Flex>::fused_softmax_causal) {
+            Ok(y) => y,
+            Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
+        }
+    } else {
+        let [_, _, lq, lk] = s.dims();
+        let device = s.device();
+        let rows = Tensor::<B, 1, Int>::arange(0..lq as i64, &device).reshape([1, 1, lq, 1]);
+        let cols = Tensor::<B, 1, Int>::arange(0..lk as i64, &device).reshape([1, 1, 1, lk]);
+        reference::softmax(s.mask_fill(cols.greater(rows), f32::NEG_INFINITY), false)
+    }
 }
 
 /// Flash-style attention ([`flash`]: tiled, online softmax, memory linear in the

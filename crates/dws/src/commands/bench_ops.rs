@@ -158,11 +158,14 @@ fn measure_attention<B: AutodiffBackend>(
         ..Default::default()
     };
     // 0: burn, 1: dws_kernels::attention (the flash kernel here), 2: the composed form
-    // (matmuls and the fused softmax) it replaced.
+    // (matmuls and the fused softmax, the mask inside it when causal) it replaced.
     let run = |which: u8, q, k, v| match which {
         0 => burn::tensor::module::attention(q, k, v, None, None, options),
         1 => dws_kernels::attention(q, k, v, None, causal),
-        _ => dws_kernels::attention_composed(q, k, v, None, causal, dws_kernels::softmax),
+        _ if causal => {
+            dws_kernels::attention_composed(q, k, v, None, false, dws_kernels::softmax_causal)
+        }
+        _ => dws_kernels::attention_composed(q, k, v, None, false, dws_kernels::softmax),
     };
     let fwd = |which: u8| {
         time_ms(seconds, || {
@@ -175,7 +178,10 @@ fn measure_attention<B: AutodiffBackend>(
     let run_ad = |which: u8, q, k, v| match which {
         0 => burn::tensor::module::attention(q, k, v, None, None, options),
         1 => dws_kernels::attention(q, k, v, None, causal),
-        _ => dws_kernels::attention_composed(q, k, v, None, causal, dws_kernels::softmax),
+        _ if causal => {
+            dws_kernels::attention_composed(q, k, v, None, false, dws_kernels::softmax_causal)
+        }
+        _ => dws_kernels::attention_composed(q, k, v, None, false, dws_kernels::softmax),
     };
     let fwdbwd = |which: u8| {
         time_ms(seconds, || {
