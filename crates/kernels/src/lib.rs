@@ -981,9 +981,9 @@ pub fn sigmoid<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// Scaled dot-product attention `softmax(q kᵀ / sqrt(d) + bias) v` over `[B, H, L, d]`
 /// tensors, optionally causal (query i sees keys 0..=i, as in burn).
 ///
-/// On Flex, without a bias, [`flash_attention`] runs it (1.6-3.5× the composed form
-/// below, forward and backward, in `dws bench ops`), except for causal attention with
-/// fewer queries than keys. With a bias the scores go through the fused softmax: under
+/// On Flex, without a bias, [`flash_attention`] runs it (1.0-2.2× the composed form
+/// below without a mask, 2-3.4× with the causal one, forward and backward, in `dws bench
+/// ops`), except for causal attention with fewer queries than keys. With a bias the scores go through the fused softmax: under
 /// autodiff (training) burn would fall back to separate operations with its scalar
 /// softmax, and without autodiff matmuls with the fused softmax beat burn's flash-style
 /// kernel as long as the score matrix fits in 512 MiB; beyond that burn's kernel (memory
