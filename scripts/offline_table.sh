@@ -50,14 +50,12 @@ log "imagination: $DATA_STEPS transitions"
 "$DWS" imagine --ckpt "$OUT/wm" --starts "$OUT/data/expert" --transitions "$DATA_STEPS" \
   --out "$OUT/data/imagined"
 
-runs=()
 for seed in $SEEDS; do
   for spec in bc: cql: cql:wm iql: iql:wm; do
     algo=${spec%%:*}
     wm=${spec#*:}
     name=$algo${wm:+-wm}-s$seed
     data=$OUT/data/expert${wm:+,$OUT/data/imagined}
-    runs+=("$OUT/$name")
     if [ -f "$OUT/$name/summary.json" ]; then continue; fi
     log "offline: $name"
     "$DWS" offline --algo "$algo" --data "$data" --steps "$OFFLINE_STEPS" --seed "$seed" \
@@ -65,5 +63,10 @@ for seed in $SEEDS; do
   done
 done
 
+# The table covers every finished run in OUT, seeds of earlier invocations included.
+runs=()
+for d in "$OUT"/{bc,cql,cql-wm,iql,iql-wm}-s*; do
+  if [ -f "$d/summary.json" ]; then runs+=("$d"); fi
+done
 "$DWS" compare "${runs[@]}" --out "$OUT/table2.md"
 log "done: $OUT/table2.md"
