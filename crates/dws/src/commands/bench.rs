@@ -183,19 +183,24 @@ impl crate::device::Job for MetricsBench {
     }
 }
 
-/// A world model at a preset's sizes with DWS attached (table embedder, 15 actions).
-fn bench_world<B: burn::prelude::Backend>(
-    preset: &super::world::Preset,
-    device: &B::Device,
-) -> Result<dws_models::flow::WorldModel<B>> {
-    let embedder = dws_models::embedders::EmbedderConfig {
+/// The benches' action embedder: a learned table for 15 discrete actions.
+fn bench_embedder(cond_dim: usize) -> dws_models::embedders::EmbedderConfig {
+    dws_models::embedders::EmbedderConfig {
         kind: dws_models::embedders::EmbedderKind::Table,
         actions: dws_models::embedders::ActionKind::Discrete {
             n: 15,
             templates: vec![String::new(); 15],
         },
-        cond_dim: preset.dws.cond_dim,
-    };
+        cond_dim,
+    }
+}
+
+/// A world model at a preset's sizes with DWS attached (table embedder, 15 actions).
+fn bench_world<B: burn::prelude::Backend>(
+    preset: &super::world::Preset,
+    device: &B::Device,
+) -> Result<dws_models::flow::WorldModel<B>> {
+    let embedder = bench_embedder(preset.dws.cond_dim);
     Ok(dws_models::flow::WorldModel {
         dit: preset
             .model
@@ -310,14 +315,7 @@ impl TrainBench {
             heads: ar.heads,
             mlp_hidden: ar.mlp_hidden,
         };
-        let embedder = dws_models::embedders::EmbedderConfig {
-            kind: dws_models::embedders::EmbedderKind::Table,
-            actions: dws_models::embedders::ActionKind::Discrete {
-                n: 15,
-                templates: vec![String::new(); 15],
-            },
-            cond_dim: preset.dws.cond_dim,
-        };
+        let embedder = bench_embedder(preset.dws.cond_dim);
         let mut world = ArWorld {
             net: model
                 .init::<B>(device)
