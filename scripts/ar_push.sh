@@ -11,12 +11,15 @@
 # killed and run again. Sizes come from the environment (defaults in brackets):
 #   PRESET [small]  TOK_STEPS [preset]  PRETRAIN_STEPS [preset]  FINETUNE_STEPS [preset]
 #   CLIPS [32]  COINRUN [collect 64 random-policy episodes]  DWS [target/release/dws]
+#   DEVICE [cpu]: where the token transformer trains (cuda:0 with a `--features cuda`
+#   build); the tokenizer trains on the CPU either way, and `dws eval` runs there.
 set -euo pipefail
 
 OUT=${1:-runs/ar-push}
 PRESET=${PRESET:-small}
 CLIPS=${CLIPS:-32}
 DWS=${DWS:-target/release/dws}
+DEVICE=${DEVICE:-cpu}
 steps() { if [ -n "${1:-}" ]; then echo "--steps $1"; fi; }
 
 mkdir -p "$OUT/data"
@@ -49,14 +52,15 @@ log "tokenizer ($PRESET)"
 log "AR base: action-free, CoinRun + pushing"
 # shellcheck disable=SC2046
 "$DWS" pretrain --backbone ar --tokenizer "$OUT/tok" --preset "$PRESET" \
-  --data "$COINRUN,$OUT/data/push" $(steps "${PRETRAIN_STEPS:-}") --out "$OUT/base" --resume
+  --data "$COINRUN,$OUT/data/push" $(steps "${PRETRAIN_STEPS:-}") --out "$OUT/base" --device "$DEVICE" --resume
 
 for mode in on off; do
   name=$([ $mode = on ] && echo dws || echo no-actions)
   log "fine-tune on the pushing task: $name"
   # shellcheck disable=SC2046
   "$DWS" finetune --base "$OUT/base" --data "$OUT/data/push" --preset "$PRESET" \
-    --action-module $mode $(steps "${FINETUNE_STEPS:-}") --out "$OUT/$name" --resume
+    --action-module $mode $(steps "${FINETUNE_STEPS:-}") --out "$OUT/$name" --device "$DEVICE" \
+    --resume
   if [ ! -f "$OUT/eval-$name/metrics.json" ]; then
     "$DWS" eval --ckpt "$OUT/$name" --data "$OUT/data/push-heldout" --context 1 --horizon 15 \
       --clips "$CLIPS" --out "$OUT/eval-$name" --name "AR $name"

@@ -154,3 +154,36 @@ fn training_lowers_the_reconstruction_error_and_reaches_the_encoder() {
         "the encoder did not change"
     );
 }
+
+#[test]
+fn the_step_schedule_warms_up_then_drops_at_each_listed_step() {
+    use dws_models::vq::VqTrainConfig;
+    let cfg = VqTrainConfig {
+        lr: 1e-3,
+        warmup: 10,
+        lr_steps: vec![100, 200],
+        lr_gamma: 0.5,
+        ..VqTrainConfig::small()
+    };
+    assert!((cfg.lr_at(0) - 1e-4).abs() < 1e-12);
+    assert!((cfg.lr_at(9) - 1e-3).abs() < 1e-12);
+    assert!((cfg.lr_at(99) - 1e-3).abs() < 1e-12);
+    assert!((cfg.lr_at(100) - 5e-4).abs() < 1e-12);
+    assert!((cfg.lr_at(250) - 2.5e-4).abs() < 1e-12);
+    // The small preset: 1e-3, then 3e-4 from step 1000.
+    let small = VqTrainConfig::small();
+    assert!((small.lr_at(999) - 1e-3).abs() < 1e-12);
+    assert!((small.lr_at(1000) - 3e-4).abs() < 1e-12);
+    // Configs written before the schedule existed still read, as a constant rate.
+    let mut json = serde_json::to_value(&small).unwrap();
+    let obj = json.as_object_mut().unwrap();
+    obj.remove("lr_steps");
+    obj.remove("lr_gamma");
+    let old: VqTrainConfig = serde_json::from_value(json).unwrap();
+    assert!((old.lr_at(2000) - 1e-3).abs() < 1e-12);
+    let bad = VqTrainConfig {
+        lr_gamma: 0.0,
+        ..VqTrainConfig::small()
+    };
+    assert!(bad.validate().is_err());
+}
