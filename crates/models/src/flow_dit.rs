@@ -12,11 +12,8 @@ use crate::action_module::{ActionModule, ActionModuleConfig};
 use burn::module::{Initializer, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
+use burn::tensor::ops::{GridSampleOptions, GridSamplePaddingMode, InterpolateMode};
 // Fused CPU kernels on Flex, burn's operations on other backends.
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{
-    GridSampleOptions, GridSamplePaddingMode, InterpolateMode, InterpolateOptions,
-};
 use dws_kernels::{gelu, sigmoid, silu};
 use serde::{Deserialize, Serialize};
 
@@ -413,16 +410,41 @@ impl<B: Backend> FlowDit<B> {
             let (hp, wp) = (h / self.patch, w / self.patch);
             let d = head.forward(top) * WARP_SCALE; // [B, F, N, 2]
             let d = d.reshape([b * f, hp, wp, 2]).permute([0, 3, 1, 2]); // [BF, 2, hp, wp]
-                                                                         // Half-pixel alignment: each token's value sits at its patch's centre.
-            let d = interpolate(
-                d,
-                [h, w],
-                InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false),
-            );
-            d.reshape([b, f, 2, h, w])
+            upsample_bilinear(d, h, w).reshape([b, f, 2, h, w])
         });
         (self.unpatchify(out, c, h, w), field)
     }
+}
+
+/// Bilinear upsampling of `[N, C, h, w]` to `[N, C, out_h, out_w]` with half-pixel
+/// alignment (each input value sits at its cell's centre; `align_corners = false`, edges
+/// clamped), as two matrix products. Equal to burn's bilinear `interpolate`, whose
+/// backward CubeCL backends (CUDA) do not implement.
+pub fn upsample_bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    let device = x.device();
+    // [w, out_w]: column j of the output mixes the input columns it lies between.
+    let weights = |n_in: usize, n_out: usize| {
+        let mut m = vec![0.0f32; n_in * n_out];
+        for o in 0..n_out {
+            let src = ((o as f32 + 0.5) * n_in as f32 / n_out as f32 - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(n_in - 1);
+            let i1 = (i0 + 1).min(n_in - 1);
+            let l = src - i0 as f32;
+            m[i0 * n_out + o] += 1.0 - l;
+            m[i1 * n_out + o] += l;
+        }
+        Tensor::<B, 2>::from_data(TensorData::new(m, [n_in, n_out]), &device)
+    };
+    let rows = x.reshape([n * c * h, w]).matmul(weights(w, out_w)); // [NCh, out_w]
+    let cols = rows
+        .reshape([n * c, h, out_w])
+        .swap_dims(1, 2)
+        .reshape([n * c * out_w, h])
+        .matmul(weights(h, out_h)); // [NC out_w, out_h]
+    cols.reshape([n * c, out_w, out_h])
+        .swap_dims(1, 2)
+        .reshape([n, c, out_h, out_w])
 }
 
 /// Warps frames `[B, F, C, H, W]` by per-pixel displacements `[B, F, 2, H, W]` (pixels;

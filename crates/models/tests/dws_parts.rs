@@ -353,3 +353,48 @@ fn the_fused_kernels_and_burns_operations_give_the_same_model_outputs() {
     assert!(scale > 1e-3, "the model's output is not trivially zero");
     assert!(gap <= 1e-5 * scale.max(1.0), "outputs differ by {gap}");
 }
+
+#[test]
+fn the_warp_fields_upsampling_equals_burns_bilinear_interpolate_with_its_gradient() {
+    use burn::tensor::module::interpolate;
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+    use dws_models::flow_dit::upsample_bilinear;
+    let device = dev();
+    for (shape, out) in [
+        ([2, 2, 8, 8], [64, 64]),
+        ([1, 3, 3, 5], [7, 11]),
+        ([1, 1, 4, 1], [9, 3]),
+    ] {
+        let n: usize = shape.iter().product();
+        let vals: Vec<f32> = (0..n)
+            .map(|i| ((i * 29 % 53) as f32 - 26.0) / 9.0)
+            .collect();
+        let x = Tensor::<AD, 4>::from_data(TensorData::new(vals, shape), &device).require_grad();
+        // Upstream gradient with structure, so the backward is checked weight by weight.
+        let up: Vec<f32> = (0..shape[0] * shape[1] * out[0] * out[1])
+            .map(|i| (i * 13 % 17) as f32 / 17.0)
+            .collect();
+        let up = Tensor::<AD, 4>::from_data(
+            TensorData::new(up, [shape[0], shape[1], out[0], out[1]]),
+            &device,
+        );
+        let ours = upsample_bilinear(x.clone(), out[0], out[1]);
+        let reference = interpolate(
+            x.clone(),
+            out,
+            InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false),
+        );
+        let diff: f32 = (ours.clone() - reference.clone()).abs().max().into_scalar();
+        assert!(
+            diff < 1e-5,
+            "{shape:?} -> {out:?}: outputs differ by {diff}"
+        );
+        let g_ours = x.grad(&(ours * up.clone()).sum().backward()).unwrap();
+        let g_ref = x.grad(&(reference * up).sum().backward()).unwrap();
+        let gdiff: f32 = (g_ours - g_ref).abs().max().into_scalar();
+        assert!(
+            gdiff < 1e-4,
+            "{shape:?} -> {out:?}: gradients differ by {gdiff}"
+        );
+    }
+}
