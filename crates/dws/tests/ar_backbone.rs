@@ -130,6 +130,8 @@ fn ar_backbone_pretrains_finetunes_resumes_predicts_and_evaluates() {
         "--horizon",
         "5",
         "--no-fvd",
+        "--temperature",
+        "0",
         "--out",
         &p("eval"),
     ]);
@@ -138,6 +140,10 @@ fn ar_backbone_pretrains_finetunes_resumes_predicts_and_evaluates() {
         serde_json::from_str(&std::fs::read_to_string(p("eval") + "/metrics.json").unwrap())
             .unwrap();
     assert_eq!(m["with_actions"], false);
+    assert_eq!(
+        m["sampling"], "greedy tokens",
+        "--temperature 0 overrides the config"
+    );
     assert_eq!(m["model"]["psnr_per_frame"].as_array().unwrap().len(), 5);
 
     // Flow-only flags and commands say what they take.
@@ -153,6 +159,15 @@ fn ar_backbone_pretrains_finetunes_resumes_predicts_and_evaluates() {
         &p("x.gif"),
     ]);
     assert!(err.contains("--backbone ar"), "{err}");
+    let err = fails(&[
+        "eval",
+        "--ckpt",
+        &p("ft"),
+        "--data",
+        &p("held-out"),
+        "--temperature=-1",
+    ]);
+    assert!(err.contains("0 (greedy) or more"), "{err}");
     let err = fails(&[
         "finetune",
         "--base",

@@ -226,6 +226,7 @@ fn pretrain_finetune_predict_and_exact_resume() {
     assert!(bad(&["--actions-from", "1", "--episodes", "2"]).contains("--episodes 1"));
     assert!(bad(&["--sample-steps", "0"]).contains("at least 1"));
     assert!(bad(&["--warp-snap=-1"]).contains("length in pixels"));
+    assert!(bad(&["--temperature", "0"]).contains("flow-model run"));
     let bad_eval_on = |data: &str, extra: &[&str]| {
         let mut a = vec![
             "eval",

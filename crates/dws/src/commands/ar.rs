@@ -295,6 +295,25 @@ impl Job for ArTrainJob {
     }
 }
 
+/// How `predict` and `eval` sample: each flag overrides the run's config.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct SamplingArgs {
+    /// Euler steps per frame (flow runs; default: the run's config).
+    #[arg(long)]
+    pub sample_steps: Option<usize>,
+    /// Warp-head displacements shorter than this many pixels are set to zero while
+    /// sampling, so still parts are copied instead of resampled (flow runs; default: the
+    /// run's config; 0 = off). See README, "Status".
+    #[arg(long)]
+    pub warp_snap: Option<f32>,
+    /// Token sampling temperature, 0 = greedy (AR runs; default: the run's config).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sample among the k likeliest tokens, 0 = all (AR runs; default: the run's config).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+}
+
 /// A world model of either backbone, loaded for rolling out (`predict`, `eval`).
 pub enum Simulator<B: Backend> {
     Flow {
@@ -309,17 +328,20 @@ pub enum Simulator<B: Backend> {
 }
 
 impl<B: Backend> Simulator<B> {
-    /// The newest (or the given) checkpoint of a run of either backbone, with the flow
-    /// model's sampling flags applied (refused for AR runs).
-    pub fn load(
-        path: &Path,
-        device: &B::Device,
-        sample_steps: Option<usize>,
-        warp_snap: Option<f32>,
-    ) -> Result<(Self, PathBuf)> {
-        if !is_ar_run(path) {
+    /// The newest (or the given) checkpoint of a run of either backbone, with the
+    /// sampling flags applied (each refused by the backbone it does not apply to).
+    pub fn load(path: &Path, device: &B::Device, flags: &SamplingArgs) -> Result<(Self, PathBuf)> {
+        let ar = is_ar_run(path);
+        let run = run_of(path);
+        if !ar {
+            ensure!(
+                flags.temperature.is_none() && flags.top_k.is_none(),
+                "--temperature and --top-k set the token sampler of an autoregressive \
+                 (--backbone ar) run; {} is a flow-model run",
+                run.display()
+            );
             let (mut cfg, world, ckpt) = load_world::<B>(path, device)?;
-            super::world::override_sampling(&mut cfg, sample_steps, warp_snap)?;
+            super::world::override_sampling(&mut cfg, flags.sample_steps, flags.warp_snap)?;
             return Ok((
                 Self::Flow {
                     cfg: Box::new(cfg),
@@ -328,14 +350,24 @@ impl<B: Backend> Simulator<B> {
                 ckpt,
             ));
         }
-        if sample_steps.is_some() || warp_snap.is_some() {
+        if flags.sample_steps.is_some() || flags.warp_snap.is_some() {
             bail!(
                 "--sample-steps and --warp-snap set the flow model's sampler; {} is an \
                  autoregressive (--backbone ar) run",
-                run_of(path).display()
+                run.display()
             );
         }
-        let cfg = ArRunConfig::read(&run_of(path))?;
+        let mut cfg = ArRunConfig::read(&run)?;
+        if let Some(t) = flags.temperature {
+            ensure!(
+                t.is_finite() && t >= 0.0,
+                "--temperature must be 0 (greedy) or more"
+            );
+            cfg.temperature = t;
+        }
+        if let Some(k) = flags.top_k {
+            cfg.top_k = k;
+        }
         let ckpt = checkpoint::latest(path)
             .with_context(|| format!("{} has no checkpoint yet", path.display()))?;
         let world = checkpoint::load_model(cfg.build::<B>(device, false)?, &ckpt, device)?;

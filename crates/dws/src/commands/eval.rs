@@ -3,7 +3,7 @@
 //! reference, and writes `metrics.json`, per-frame plots, side-by-side GIFs and an HTML
 //! report that shows them. `dws compare` tabulates several evals.
 
-use super::ar::Simulator;
+use super::ar::{SamplingArgs, Simulator};
 use crate::device::{dispatch, DeviceArg, Job};
 use crate::plot::{write_line_plot, Series};
 use crate::report::Pair;
@@ -48,14 +48,8 @@ pub struct EvalArgs {
     /// Seed of the clip draw and the sampler noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Euler steps per frame (default: the run's config).
-    #[arg(long)]
-    pub sample_steps: Option<usize>,
-    /// Warp-head displacements shorter than this many pixels are set to zero while
-    /// sampling, so still parts are copied instead of resampled (default: the run's
-    /// config; 0 = off). See README, "Status".
-    #[arg(long)]
-    pub warp_snap: Option<f32>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Output directory (default: `eval` inside the run directory).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -201,7 +195,7 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
     if want_fvd && a.clips < 2 {
         bail!("FVD compares sets of clips and needs --clips 2 or more (or pass --no-fvd)");
     }
-    let (sim, ckpt) = Simulator::<B>::load(&a.ckpt, &device, a.sample_steps, a.warp_snap)?;
+    let (sim, ckpt) = Simulator::<B>::load(&a.ckpt, &device, &a.sampling)?;
     let ds = Dataset::open(&a.data).with_context(|| format!("opening {}", a.data.display()))?;
     let [h, w, c] = ds.header().frame_shape;
     ensure!(

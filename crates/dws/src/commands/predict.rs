@@ -10,7 +10,7 @@
 //! filmstrip of the same, and a JSON report with per-frame errors of the model and of
 //! the repeat-the-last-context-frame reference.
 
-use super::ar::Simulator;
+use super::ar::{SamplingArgs, Simulator};
 use crate::device::{dispatch, DeviceArg, Job};
 use crate::report::Pair;
 use anyhow::{bail, Context, Result};
@@ -55,14 +55,8 @@ pub struct PredictArgs {
     /// Frames to predict.
     #[arg(long, default_value_t = 15)]
     pub horizon: usize,
-    /// Euler steps per frame (default: the run's config).
-    #[arg(long)]
-    pub sample_steps: Option<usize>,
-    /// Warp-head displacements shorter than this many pixels are set to zero while
-    /// sampling, so still parts are copied instead of resampled (default: the run's
-    /// config; 0 = off). See README, "Status".
-    #[arg(long)]
-    pub warp_snap: Option<f32>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Output GIF (ground truth | prediction | difference); a PNG filmstrip and a JSON
     /// report are written beside it.
     #[arg(long)]
@@ -271,7 +265,7 @@ impl Job for PredictJob {
 }
 
 fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
-    let (sim, ckpt) = Simulator::<B>::load(&a.ckpt, &device, a.sample_steps, a.warp_snap)?;
+    let (sim, ckpt) = Simulator::<B>::load(&a.ckpt, &device, &a.sampling)?;
     if a.context == 0 || a.horizon == 0 || a.episodes == 0 {
         bail!("--context, --horizon and --episodes must be at least 1");
     }
