@@ -423,7 +423,7 @@ impl<B: Backend> FlowDit<B> {
 pub fn upsample_bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize) -> Tensor<B, 4> {
     let [n, c, h, w] = x.dims();
     let device = x.device();
-    // [w, out_w]: column j of the output mixes the input columns it lies between.
+    // [n_in, n_out]: output cell o mixes the two input cells its centre lies between.
     let weights = |n_in: usize, n_out: usize| {
         let mut m = vec![0.0f32; n_in * n_out];
         for o in 0..n_out {
