@@ -983,13 +983,13 @@ pub fn sigmoid<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 ///
 /// On Flex, without a bias, [`flash_attention`] runs it (1.0-2.2× the composed form
 /// below without a mask, 2-3.4× with the causal one, forward and backward, in `dws bench
-/// ops`), except for causal attention with fewer queries than keys. With a bias the scores go through the fused softmax: under
-/// autodiff (training) burn would fall back to separate operations with its scalar
-/// softmax, and without autodiff matmuls with the fused softmax beat burn's flash-style
-/// kernel as long as the score matrix fits in 512 MiB; beyond that burn's kernel (memory
-/// linear in the sequence length) is used, except for causal attention with fewer queries
-/// than keys, where burn's Flex kernel masks differently from its other backends. Other
-/// backends take burn's `attention`.
+/// ops`), except for causal attention with fewer queries than keys. With a bias the
+/// scores go through the fused softmax: under autodiff (training) burn would fall back to
+/// separate operations with its scalar softmax, and without autodiff matmuls with the
+/// fused softmax beat burn's flash-style kernel as long as the score matrix fits in 512
+/// MiB; beyond that burn's kernel (memory linear in the sequence length) is used, except
+/// for causal attention with fewer queries than keys, where burn's Flex kernel masks
+/// differently from its other backends. Other backends take burn's `attention`.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,

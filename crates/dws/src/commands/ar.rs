@@ -331,9 +331,8 @@ impl<B: Backend> Simulator<B> {
     /// The newest (or the given) checkpoint of a run of either backbone, with the
     /// sampling flags applied (each refused by the backbone it does not apply to).
     pub fn load(path: &Path, device: &B::Device, flags: &SamplingArgs) -> Result<(Self, PathBuf)> {
-        let ar = is_ar_run(path);
         let run = run_of(path);
-        if !ar {
+        if !is_ar_run(path) {
             ensure!(
                 flags.temperature.is_none() && flags.top_k.is_none(),
                 "--temperature and --top-k set the token sampler of an autoregressive \
