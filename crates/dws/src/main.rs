@@ -44,6 +44,9 @@ enum Command {
     /// Model-based RL: PPO on real and imagined rollouts of a DWS world simulator
     /// fine-tuned as it goes, imagination started from prioritized (or uniform) states.
     Mbrl(commands::mbrl::MbrlArgs),
+    /// Return of trained agents (`dws ppo` / `dws mbrl` runs) over many real episodes;
+    /// writes RUN/score.json, which `dws compare` shows.
+    Score(commands::score::ScoreArgs),
     /// Imagine transitions with a world simulator from a dataset's states; writes them as
     /// an episode dataset marked imagined (offline-RL augmentation).
     Imagine(commands::imagine::ImagineArgs),
@@ -56,7 +59,8 @@ enum Command {
     /// Score a model on held-out clips (PSNR, SSIM, LPIPS, FVD) beside the repeat-last-frame
     /// reference; writes metrics.json, plots, GIFs and an HTML report.
     Eval(commands::eval::EvalArgs),
-    /// Tabulate several evals (ablations) side by side.
+    /// Tabulate several evals (ablations), offline-RL runs (Table 2) or agents (`dws ppo`
+    /// and `dws mbrl` runs, grouped over seeds) side by side.
     Compare(commands::eval::CompareArgs),
     /// PSNR, SSIM, LPIPS and FVD of your own images and videos (PNG, JPEG, GIF, frame
     /// folders, npz/safetensors arrays, MP4 with ffmpeg).
@@ -114,6 +118,7 @@ fn main() {
         Command::Ppo(a) => commands::ppo::ppo(a).map(|_| ()),
         Command::Mbrl(a) => commands::mbrl::mbrl(a).map(|_| ()),
         Command::Imagine(a) => commands::imagine::imagine(a).map(|_| ()),
+        Command::Score(a) => commands::score::score(a).map(|_| ()),
         Command::Offline(a) => commands::offline::offline(a).map(|_| ()),
         Command::Tokenizer(c) => commands::tokenizer::run(c),
         Command::Eval(a) => commands::eval::eval(a).map(|_| ()),

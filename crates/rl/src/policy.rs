@@ -1,7 +1,7 @@
-//! A trained `dws ppo` agent as a data-collection policy (`dws collect --policy
-//! ppo:RUN`): the expert of offline RL. Actions are sampled from the policy (as the
-//! offline Procgen datasets do) or, greedy, its most likely action (the Gaussian's mean
-//! for continuous actions).
+//! A trained `dws ppo` or `dws mbrl` agent as a data-collection policy (`dws collect
+//! --policy ppo:RUN`, the expert of offline RL) and for `dws score`. Actions are
+//! sampled from the policy (as the offline Procgen datasets do) or, greedy, its most
+//! likely action (the Gaussian's mean for continuous actions).
 
 use crate::nets::{frames_to_input, ActorCritic};
 use crate::ppo::{head_for, PpoConfig};
@@ -13,11 +13,29 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use std::path::Path;
 
-/// The parts of a `dws ppo` run's `config.json` a policy needs.
+/// The parts of a `dws ppo` or `dws mbrl` run's `config.json` a policy needs: a PPO
+/// run keeps its agent's config at `ppo`, an MBRL run at `mbrl.ppo`.
 #[derive(Deserialize)]
 struct StoredRun {
     env: EnvConfig,
+    ppo: Option<PpoConfig>,
+    mbrl: Option<StoredMbrl>,
+}
+
+#[derive(Deserialize)]
+struct StoredMbrl {
     ppo: PpoConfig,
+}
+
+impl StoredRun {
+    /// The agent's config and the folder its checkpoints are in.
+    fn agent(self, run: &Path) -> Option<(PpoConfig, std::path::PathBuf)> {
+        match (self.ppo, self.mbrl) {
+            (Some(ppo), None) => Some((ppo, run.to_path_buf())),
+            (None, Some(m)) => Some((m.ppo, run.join("agent"))),
+            _ => None,
+        }
+    }
 }
 
 /// A PPO agent acting one env step at a time.
@@ -34,24 +52,21 @@ pub struct PpoPolicy<B: Backend> {
 }
 
 impl<B: Backend> PpoPolicy<B> {
-    /// The newest checkpoint of the `dws ppo` run `run`, for envs shaped like `spec`.
+    /// The newest agent checkpoint of the `dws ppo` or `dws mbrl` run `run`, for envs
+    /// shaped like `spec`.
     pub fn load(run: &Path, spec: &EnvSpec, greedy: bool, device: &B::Device) -> Result<Self> {
+        let (env, ppo, dir) = read_run(run)?;
         let bad = |m: String| RlError::Config(format!("{}: {m}", run.display()));
-        let cfg_path = run.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| bad(format!("not a dws ppo run (config.json: {e})")))?;
-        let stored: StoredRun = serde_json::from_str(&text)
-            .map_err(|e| bad(format!("config.json is not a dws ppo config ({e})")))?;
-        let ckpt = checkpoint::latest(run).ok_or_else(|| bad("no checkpoint yet".into()))?;
-        if stored.env.id() != spec.id {
+        let ckpt = checkpoint::latest(&dir).ok_or_else(|| bad("no checkpoint yet".into()))?;
+        if env.id() != spec.id {
             return Err(bad(format!(
                 "the agent was trained on {}, not {}",
-                stored.env.id(),
+                env.id(),
                 spec.id
             )));
         }
         let [h, w, _] = spec.frame_shape;
-        let model = ActorCritic::new(&stored.ppo.net, h, head_for(&spec.action_space), device);
+        let model = ActorCritic::new(&ppo.net, h, head_for(&spec.action_space), device);
         let model = checkpoint::load_model(model, &ckpt, device)
             .map_err(|e| bad(format!("loading {}: {e}", ckpt.display())))?;
         if h != w {
@@ -63,10 +78,32 @@ impl<B: Backend> PpoPolicy<B> {
             side: h,
             greedy,
             device: device.clone(),
-            trained_on: stored.env,
+            trained_on: env,
             checkpoint: ckpt,
         })
     }
+}
+
+/// The env a `dws ppo` or `dws mbrl` run `run` trained its agent on.
+pub fn trained_env(run: &Path) -> Result<EnvConfig> {
+    read_run(run).map(|(env, _, _)| env)
+}
+
+/// A run's env, its agent's config and the folder of the agent's checkpoints.
+fn read_run(run: &Path) -> Result<(EnvConfig, PpoConfig, std::path::PathBuf)> {
+    let bad = |m: String| RlError::Config(format!("{}: {m}", run.display()));
+    let text = std::fs::read_to_string(run.join("config.json"))
+        .map_err(|e| bad(format!("not a dws ppo or dws mbrl run (config.json: {e})")))?;
+    let stored: StoredRun = serde_json::from_str(&text).map_err(|e| {
+        bad(format!(
+            "config.json is not a dws ppo or dws mbrl config ({e})"
+        ))
+    })?;
+    let env = stored.env.clone();
+    let (ppo, dir) = stored.agent(run).ok_or_else(|| {
+        bad("config.json is not a dws ppo or dws mbrl config (no agent in it)".into())
+    })?;
+    Ok((env, ppo, dir))
 }
 
 fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {

@@ -214,12 +214,38 @@ pub fn episode_returns(
     name: &str,
     policy: &mut dyn FnMut(&[u8], usize) -> Vec<dws_envs::Action>,
 ) -> Result<Baseline> {
+    returns_until(env, episodes, None, seed, name, policy)
+}
+
+/// Returns of `policy` over the first `per_env` episodes of every env of `env`, reset
+/// with `seed`: `per_env × N` episodes in all. Long episodes count as often as short
+/// ones, which the first episodes to end over all envs do not guarantee.
+pub fn episode_returns_per_env(
+    env: &mut dyn VecEnv,
+    per_env: usize,
+    seed: u64,
+    name: &str,
+    policy: &mut dyn FnMut(&[u8], usize) -> Vec<dws_envs::Action>,
+) -> Result<Baseline> {
+    let total = per_env.max(1) * env.num_envs();
+    returns_until(env, total, Some(per_env.max(1)), seed, name, policy)
+}
+
+/// The first `episodes` episodes to end, at most `quota` from each env.
+fn returns_until(
+    env: &mut dyn VecEnv,
+    episodes: usize,
+    quota: Option<usize>,
+    seed: u64,
+    name: &str,
+    policy: &mut dyn FnMut(&[u8], usize) -> Vec<dws_envs::Action>,
+) -> Result<Baseline> {
     let n = env.num_envs();
     env.reset(seed).map_err(|e| RlError::Env(e.to_string()))?;
     let mut running = vec![(0f32, 0usize); n];
+    let mut counted = vec![0usize; n];
     let mut ended: Vec<(f32, usize)> = Vec::new();
-    // Count only the first `episodes` to end, in a fixed order, so the result does not
-    // favour short episodes more than the policy itself does.
+    // Count the episodes in a fixed order (env index within a step).
     let mut steps = 0u64;
     while ended.len() < episodes.max(1) {
         let actions = policy(env.obs(), n);
@@ -230,7 +256,10 @@ pub fn episode_returns(
             running[i].0 += s.reward;
             running[i].1 += 1;
             if s.done() {
-                ended.push(running[i]);
+                if quota.is_none_or(|q| counted[i] < q) {
+                    ended.push(running[i]);
+                    counted[i] += 1;
+                }
                 running[i] = (0.0, 0);
             }
         }
@@ -252,4 +281,80 @@ pub fn episode_returns(
         std_return: var.sqrt(),
         mean_length: ended.iter().map(|e| e.1 as f32).sum::<f32>() / k,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dws_envs::{Action, ActionSpace, EnvSpec, Step};
+
+    /// Env `i` ends an episode every `2i + 1` steps, earning 1 per step: an episode's
+    /// return is its length.
+    struct Lengths {
+        spec: EnvSpec,
+        t: Vec<usize>,
+        steps: Vec<Step>,
+        obs: Vec<u8>,
+    }
+
+    impl VecEnv for Lengths {
+        fn num_envs(&self) -> usize {
+            self.t.len()
+        }
+        fn spec(&self) -> &EnvSpec {
+            &self.spec
+        }
+        fn reset(&mut self, _seed: u64) -> dws_envs::Result<()> {
+            self.t.fill(0);
+            Ok(())
+        }
+        fn step(&mut self, _actions: &[Action]) -> dws_envs::Result<&[Step]> {
+            for (i, t) in self.t.iter_mut().enumerate() {
+                *t += 1;
+                let end = *t == 2 * i + 1;
+                if end {
+                    *t = 0;
+                }
+                self.steps[i] = Step {
+                    reward: 1.0,
+                    terminated: end,
+                    truncated: false,
+                };
+            }
+            Ok(&self.steps)
+        }
+        fn obs(&self) -> &[u8] {
+            &self.obs
+        }
+    }
+
+    fn lengths(n: usize) -> Lengths {
+        Lengths {
+            spec: EnvSpec {
+                id: "test:lengths".into(),
+                action_space: ActionSpace::Discrete { n: 2 },
+                frame_shape: [1, 1, 3],
+                action_templates: vec!["a".into(), "b".into()],
+                final_frame_rendered: true,
+            },
+            t: vec![0; n],
+            steps: vec![Step::default(); n],
+            obs: vec![0; n * 3],
+        }
+    }
+
+    #[test]
+    fn per_env_counts_long_episodes_as_often_as_short_ones() {
+        let mut policy = |_: &[u8], n: usize| vec![Action::Discrete(0); n];
+        // Lengths 1 and 3. The first 6 episodes to end: five of length 1, one of 3.
+        let first = episode_returns(&mut lengths(2), 6, 0, "test", &mut policy).unwrap();
+        assert_eq!(first.episodes, 6);
+        assert!((first.mean_return - 8.0 / 6.0).abs() < 1e-6, "{first:?}");
+        // Three of each.
+        let even = episode_returns_per_env(&mut lengths(2), 3, 0, "test", &mut policy).unwrap();
+        assert_eq!(even.episodes, 6);
+        assert!((even.mean_return - 2.0).abs() < 1e-6, "{even:?}");
+        assert!((even.mean_length - 2.0).abs() < 1e-6, "{even:?}");
+        assert!((even.std_return - 1.0).abs() < 1e-6, "{even:?}");
+    }
 }

@@ -26,8 +26,8 @@ pub struct Args {
     #[arg(long, default_value = "")]
     pub env_opts: String,
     /// random (uniform actions), scripted (the pushing task's random pushes) or
-    /// ppo:RUN (a trained `dws ppo` agent, its newest checkpoint; actions sampled from
-    /// its policy unless --greedy).
+    /// ppo:RUN (the agent of a `dws ppo` or `dws mbrl` run, its newest checkpoint;
+    /// actions sampled from its policy unless --greedy).
     #[arg(long, default_value = "random")]
     pub policy: CollectPolicy,
     /// With --policy ppo:RUN, the agent's most likely action instead of a sample.
@@ -62,12 +62,12 @@ impl std::str::FromStr for CollectPolicy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s.strip_prefix("ppo:") {
-            Some("") => Err("ppo:RUN needs the run directory of a `dws ppo` agent".into()),
+            Some("") => Err("ppo:RUN needs the directory of a `dws ppo` or `dws mbrl` run".into()),
             Some(run) => Ok(Self::Ppo(PathBuf::from(run))),
             None => s
                 .parse()
                 .map(Self::Builtin)
-                .map_err(|e: String| format!("{e}, or ppo:RUN (a trained `dws ppo` agent)")),
+                .map_err(|e: String| format!("{e}, or ppo:RUN (a `dws ppo` or `dws mbrl` run)")),
         }
     }
 }

@@ -455,7 +455,9 @@ pub fn read_report(path: &Path) -> Result<EvalReport> {
 #[derive(clap::Args, Clone, Debug)]
 pub struct CompareArgs {
     /// Eval directories, runs (their `eval/`), or metrics.json files; or `dws offline`
-    /// runs (the paper's Table 2: returns with and without world-model data).
+    /// runs (the paper's Table 2: returns with and without world-model data); or
+    /// `dws ppo` / `dws mbrl` runs (returns grouped over seeds, `dws score` results and
+    /// learning curves, plotted next to --out as PNG).
     #[arg(required = true)]
     pub evals: Vec<PathBuf>,
     /// Where the table is written (Markdown).
@@ -480,6 +482,23 @@ pub fn compare(a: CompareArgs) -> Result<String> {
         }
         let runs: Vec<_> = offline.into_iter().flatten().collect();
         let t = super::offline::table(&runs);
+        return write_table(&a.out, t);
+    }
+    let agents = a
+        .evals
+        .iter()
+        .map(|p| super::score::read_agent(p))
+        .collect::<Result<Vec<_>>>()?;
+    if agents.iter().any(Option::is_some) {
+        if let Some(i) = agents.iter().position(Option::is_none) {
+            anyhow::bail!(
+                "{} is not a dws ppo or dws mbrl run, unlike {}: compare agents with agents",
+                a.evals[i].display(),
+                a.evals[agents.iter().position(Option::is_some).expect("some")].display()
+            );
+        }
+        let runs: Vec<_> = agents.into_iter().flatten().collect();
+        let t = super::score::agents_table(&runs, &a.out.with_extension("png"))?;
         return write_table(&a.out, t);
     }
     let reports = a

@@ -15,5 +15,6 @@ pub mod play;
 pub mod ppo;
 pub mod predict;
 pub mod quickstart;
+pub mod score;
 pub mod tokenizer;
 pub mod world;

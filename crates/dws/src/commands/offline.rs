@@ -545,7 +545,7 @@ pub fn read_summary(dir: &Path) -> Option<OfflineSummary> {
 }
 
 /// `mean ± std` of some values (population std), or `-`.
-fn mean_std(v: &[f32]) -> String {
+pub(crate) fn mean_std(v: &[f32]) -> String {
     if v.is_empty() {
         return "-".into();
     }

@@ -339,14 +339,10 @@ fn summarize(env: &str, logs: &[IterLog], baseline: Option<&Baseline>, seconds: 
     }
 }
 
-/// Mean return per update (carried over updates where no episode ended), smoothed over
-/// 5 updates, beside the random policy's.
-pub(crate) fn write_plot(
-    path: &Path,
-    returns: &[Option<f32>],
-    baseline: Option<&Baseline>,
-) -> Result<()> {
-    let mut last = baseline.map_or(0.0, |b| b.mean_return as f64);
+/// Mean return per update, carried over updates where no episode ended (`start` before
+/// the first), smoothed over the last 5 updates.
+pub(crate) fn smoothed_returns(returns: &[Option<f32>], start: f64) -> Vec<f64> {
+    let mut last = start;
     let raw: Vec<f64> = returns
         .iter()
         .map(|r| {
@@ -356,16 +352,25 @@ pub(crate) fn write_plot(
             last
         })
         .collect();
-    if raw.len() < 2 {
-        return Ok(());
-    }
-    let smooth: Vec<f64> = (0..raw.len())
+    (0..raw.len())
         .map(|i| {
             let lo = i.saturating_sub(4);
             raw[lo..=i].iter().sum::<f64>() / (i + 1 - lo) as f64
         })
-        .collect();
-    let flat: Vec<f64> = baseline.map_or(Vec::new(), |b| vec![b.mean_return as f64; raw.len()]);
+        .collect()
+}
+
+/// [`smoothed_returns`] beside the random policy's return.
+pub(crate) fn write_plot(
+    path: &Path,
+    returns: &[Option<f32>],
+    baseline: Option<&Baseline>,
+) -> Result<()> {
+    if returns.len() < 2 {
+        return Ok(());
+    }
+    let smooth = smoothed_returns(returns, baseline.map_or(0.0, |b| b.mean_return as f64));
+    let flat: Vec<f64> = baseline.map_or(Vec::new(), |b| vec![b.mean_return as f64; returns.len()]);
     let mut series = vec![Series {
         values: &smooth,
         rgb: [31, 119, 180],
