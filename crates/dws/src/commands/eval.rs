@@ -465,39 +465,39 @@ pub struct CompareArgs {
     pub out: PathBuf,
 }
 
+/// All of `found` when every path was of the kind (`Some`), none when no path was; an
+/// error naming a path of the other kind when they mix.
+fn all_of_a_kind<T>(paths: &[PathBuf], found: Vec<Option<T>>, not: &str) -> Result<Option<Vec<T>>> {
+    let Some(first) = found.iter().position(Option::is_some) else {
+        return Ok(None);
+    };
+    if let Some(i) = found.iter().position(Option::is_none) {
+        anyhow::bail!(
+            "{} is not {not}, unlike {}: compare like with like (evals, offline runs or agent runs)",
+            paths[i].display(),
+            paths[first].display()
+        );
+    }
+    Ok(Some(found.into_iter().flatten().collect()))
+}
+
 /// `dws compare`: one row per eval, printed and written as a Markdown table.
 pub fn compare(a: CompareArgs) -> Result<String> {
-    let offline: Vec<_> = a
+    let offline = a
         .evals
         .iter()
         .map(|p| super::offline::read_summary(p))
         .collect();
-    if offline.iter().any(Option::is_some) {
-        if let Some(i) = offline.iter().position(Option::is_none) {
-            anyhow::bail!(
-                "{} is not a finished dws offline run (no summary.json), unlike {}: compare offline runs with offline runs and evals with evals",
-                a.evals[i].display(),
-                a.evals[offline.iter().position(Option::is_some).expect("some")].display()
-            );
-        }
-        let runs: Vec<_> = offline.into_iter().flatten().collect();
-        let t = super::offline::table(&runs);
-        return write_table(&a.out, t);
+    let offline_kind = "a finished dws offline run (no summary.json)";
+    if let Some(runs) = all_of_a_kind(&a.evals, offline, offline_kind)? {
+        return write_table(&a.out, super::offline::table(&runs));
     }
     let agents = a
         .evals
         .iter()
         .map(|p| super::score::read_agent(p))
         .collect::<Result<Vec<_>>>()?;
-    if agents.iter().any(Option::is_some) {
-        if let Some(i) = agents.iter().position(Option::is_none) {
-            anyhow::bail!(
-                "{} is not a dws ppo or dws mbrl run, unlike {}: compare agents with agents",
-                a.evals[i].display(),
-                a.evals[agents.iter().position(Option::is_some).expect("some")].display()
-            );
-        }
-        let runs: Vec<_> = agents.into_iter().flatten().collect();
+    if let Some(runs) = all_of_a_kind(&a.evals, agents, "a dws ppo or dws mbrl run")? {
         let t = super::score::agents_table(&runs, &a.out.with_extension("png"))?;
         return write_table(&a.out, t);
     }
