@@ -247,6 +247,18 @@ pub fn read_agent(dir: &Path) -> Result<Option<AgentRun>> {
     Ok(Some(run))
 }
 
+/// `mean ± std` of the values present, and how many of the runs had one when not all
+/// did; `-` when none did.
+fn of_runs(values: Vec<Option<f32>>) -> String {
+    let present: Vec<f32> = values.iter().flatten().copied().collect();
+    let ms = super::offline::mean_std(&present);
+    if present.is_empty() || present.len() == values.len() {
+        ms
+    } else {
+        format!("{ms} ({} of {} runs)", present.len(), values.len())
+    }
+}
+
 /// Line colours of the groups in the curves plot, in table order.
 const COLOURS: [([u8; 3], &str); 6] = [
     ([31, 119, 180], "blue"),
@@ -261,7 +273,6 @@ const COLOURS: [([u8; 3], &str); 6] = [
 /// (seeds), then one row per run; and the mean learning curve of each group, written to
 /// `plot` (PNG).
 pub fn agents_table(runs: &[AgentRun], plot: &Path) -> Result<String> {
-    use super::offline::mean_std;
     let mut groups: Vec<(&str, &str, Vec<&AgentRun>)> = Vec::new();
     for r in runs {
         match groups
@@ -284,26 +295,17 @@ pub fn agents_table(runs: &[AgentRun], plot: &Path) -> Result<String> {
             .map(u64::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        let scores: Vec<f32> = rs
+        let scores = rs
             .iter()
-            .filter_map(|r| r.score.as_ref().map(|s| s.mean_return))
+            .map(|r| r.score.as_ref().map(|s| s.mean_return))
             .collect();
         let colour = COLOURS.get(k).map_or("-", |c| c.1);
         t += &format!(
             "| {env} | {label} | {} | {steps} | {} | {} | {} | {:.1} | {colour} |\n",
             rs.len(),
-            mean_std(&rs.iter().filter_map(|r| r.last_return).collect::<Vec<_>>()),
-            if scores.len() == rs.len() {
-                mean_std(&scores)
-            } else {
-                format!(
-                    "{} (scored {} of {})",
-                    mean_std(&scores),
-                    scores.len(),
-                    rs.len()
-                )
-            },
-            mean_std(&rs.iter().filter_map(|r| r.eval_return).collect::<Vec<_>>()),
+            of_runs(rs.iter().map(|r| r.last_return).collect()),
+            of_runs(scores),
+            of_runs(rs.iter().map(|r| r.eval_return).collect()),
             rs.iter().map(|r| r.seconds).sum::<f64>() / rs.len() as f64 / 60.0,
         );
         if let Some(&(rgb, _)) = COLOURS.get(k) {
@@ -336,23 +338,18 @@ pub fn agents_table(runs: &[AgentRun], plot: &Path) -> Result<String> {
         warn.push("The scores were measured with different seeds, episode counts or greediness: compare with care.".to_string());
     }
     // The random policy scored like the agents, else as the runs measured it.
-    let randoms: Vec<String> = envs
+    let randoms: Vec<(&str, f32, &str)> = envs
         .iter()
         .filter_map(|env| {
             let of = |r: &&AgentRun| r.env == *env;
             let scored = runs.iter().filter(of).find_map(|r| r.score.as_ref());
             match scored {
-                Some(s) => Some(format!(
-                    "{env} {:.2} (scored like the agents)",
-                    s.random_return
-                )),
+                Some(s) => Some((*env, s.random_return, "scored like the agents")),
                 None => runs
                     .iter()
                     .filter(of)
                     .find_map(|r| r.random_return)
-                    .map(|v| {
-                        format!("{env} {v:.2} (first episodes to end, as training measured it)")
-                    }),
+                    .map(|v| (*env, v, "first episodes to end, as training measured it")),
             }
         })
         .collect();
@@ -374,7 +371,16 @@ pub fn agents_table(runs: &[AgentRun], plot: &Path) -> Result<String> {
     }
     t += "\nScore: mean return of `dws score` (real episodes, the final agent; mean ± std over seeds). ";
     if !randoms.is_empty() {
-        t += &format!("Random policy: {}. ", randoms.join(", "));
+        let each: Vec<String> = randoms
+            .iter()
+            .map(|(env, v, how)| format!("{env} {v:.2} ({how})"))
+            .collect();
+        t += &format!("Random policy: {}. ", each.join(", "));
+    }
+    // One env: its random policy as a grey line.
+    if let [(_, v, _)] = randoms[..] {
+        let n = curves.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+        curves.push((vec![v as f64; n], [150, 150, 150]));
     }
     let series: Vec<crate::plot::Series<'_>> = curves
         .iter()
@@ -383,7 +389,7 @@ pub fn agents_table(runs: &[AgentRun], plot: &Path) -> Result<String> {
     if curves.iter().any(|(v, _)| v.len() >= 2) {
         crate::plot::write_line_plot(plot, &series, 1)?;
         t += &format!(
-            "Curves: {} (mean over seeds of the training return, smoothed over 5 updates, against updates).\n",
+            "Curves: {} (mean over seeds of the training return, smoothed over 5 updates, against updates; the random policy in grey).\n",
             plot.display()
         );
     } else {
