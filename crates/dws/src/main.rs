@@ -95,6 +95,18 @@ fn tune_allocator() {
     }
 }
 
+/// Rust ignores SIGPIPE, so `dws compare ... | head` would panic on the closed pipe;
+/// the default action ends the program quietly, like other command-line tools. Not for
+/// `dws play` and `dws bench` (which runs play's server): a closed connection must not
+/// end a server.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: resets one signal's disposition; called before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
     tune_allocator();
     tracing_subscriber::fmt()
@@ -108,6 +120,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Play(_) | Command::Bench(_)) {
+        default_sigpipe();
+    }
     let result = match cli.command {
         Command::Quickstart(a) => commands::quickstart::run(a),
         Command::Collect(a) => commands::collect::run(a).map(|_| ()),
