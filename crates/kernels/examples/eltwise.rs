@@ -30,6 +30,8 @@ fn main() {
     let small: Vec<f32> = x[..16384].to_vec();
     for op in [
         Unary::Exp,
+        Unary::Erf,
+        Unary::Tanh,
         Unary::Sigmoid,
         Unary::Silu,
         Unary::Gelu,
