@@ -12,7 +12,7 @@
 # that finished sooner than one job at a time on both). Sizes come from the environment
 # (defaults in brackets):
 #   GAME [coinrun]  SEEDS ["0 1"]  STEPS [98304]  DATA_STEPS [20000]  BASE_STEPS [1500]
-#   SCORE_EPISODES [96]  PRESET [small]  LANES [1]  DWS [target/release/dws]
+#   SCORE_EPISODES [320]  PRESET [small]  LANES [1]  DWS [target/release/dws]
 # A smoke test in a few minutes:
 #   PRESET=debug STEPS=2048 DATA_STEPS=2000 BASE_STEPS=20 SCORE_EPISODES=16 \
 #     scripts/mbrl_table.sh /tmp/mbrl-smoke
@@ -24,7 +24,7 @@ SEEDS=${SEEDS:-"0 1"}
 STEPS=${STEPS:-98304}
 DATA_STEPS=${DATA_STEPS:-20000}
 BASE_STEPS=${BASE_STEPS:-1500}
-SCORE_EPISODES=${SCORE_EPISODES:-96}
+SCORE_EPISODES=${SCORE_EPISODES:-320}
 PRESET=${PRESET:-small}
 LANES=${LANES:-1}
 DWS=${DWS:-target/release/dws}
