@@ -151,9 +151,21 @@ fn agents_are_scored_over_real_episodes_and_compared_by_group() {
     // Unfinished runs, other kinds of directories and non-runs are refused clearly.
     let part = dir.path().join("ppo-part");
     ppo(&part, "2", &["--stop-after", "1"]);
-    let err = fails(&["compare", &runs[0], part.to_str().unwrap()]);
+    let err = fails(&[
+        "compare",
+        &runs[0],
+        part.to_str().unwrap(),
+        "--out",
+        table_s,
+    ]);
     assert!(err.contains("has not finished"), "{err}");
-    let err = fails(&["compare", &runs[0], dir.path().to_str().unwrap()]);
+    let err = fails(&[
+        "compare",
+        &runs[0],
+        dir.path().to_str().unwrap(),
+        "--out",
+        table_s,
+    ]);
     assert!(err.contains("is not a dws ppo or dws mbrl run"), "{err}");
     let err = fails(&["score", dir.path().to_str().unwrap()]);
     assert!(err.contains("not a dws ppo or dws mbrl run"), "{err}");

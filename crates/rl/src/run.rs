@@ -199,10 +199,17 @@ fn truncate_metrics(path: &Path, iteration: usize) -> Result<()> {
 /// Mean return of the uniform-random policy over at least `episodes` episodes of `env`
 /// (all envs run until enough have ended), seeded with `seed`.
 pub fn random_baseline(env: &mut dyn VecEnv, episodes: usize, seed: u64) -> Result<Baseline> {
-    let space = env.spec().action_space.clone();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut policy = |_: &[u8], n: usize| (0..n).map(|_| sample_action(&space, &mut rng)).collect();
+    let mut policy = random_policy(env.spec().action_space.clone(), seed);
     episode_returns(env, episodes, seed, "uniform random", &mut policy)
+}
+
+/// The uniform-random policy over `space` (frames → one action per env), seeded.
+pub fn random_policy(
+    space: dws_envs::ActionSpace,
+    seed: u64,
+) -> impl FnMut(&[u8], usize) -> Vec<dws_envs::Action> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    move |_: &[u8], n: usize| (0..n).map(|_| sample_action(&space, &mut rng)).collect()
 }
 
 /// Returns of `policy` (frames `[N, H, W, 3]` → one action per env) over the first

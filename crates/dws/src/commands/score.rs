@@ -7,9 +7,8 @@
 
 use anyhow::{ensure, Context, Result};
 use clap::Args;
-use dws_envs::policy::sample_action;
 use dws_rl::policy::{trained_env, PpoPolicy};
-use dws_rl::run::episode_returns_per_env;
+use dws_rl::run::{episode_returns_per_env, random_policy};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -71,10 +70,7 @@ fn score_one(run: &Path, a: &ScoreArgs, randoms: &mut Vec<(String, f32)>) -> Res
     let random_return = match randoms.iter().find(|(id, _)| *id == spec.id) {
         Some(&(_, r)) => r,
         None => {
-            let space = spec.action_space.clone();
-            let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
-            let mut random =
-                |_: &[u8], n: usize| (0..n).map(|_| sample_action(&space, &mut rng)).collect();
+            let mut random = random_policy(spec.action_space.clone(), a.seed);
             let r = episode_returns_per_env(&mut env, per_env(a), a.seed, "random", &mut random)?
                 .mean_return;
             println!(
