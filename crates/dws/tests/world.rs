@@ -169,6 +169,19 @@ fn pretrain_finetune_predict_and_exact_resume() {
         assert!(ssim > -1.0 && ssim < 1.0, "{who}: SSIM {ssim}");
         assert!(lpips > 0.0 && lpips < 1.5, "{who}: LPIPS {lpips}");
         assert!(fvd > 0.0, "{who}: FVD {fvd}");
+        // One mean per clip, and the overall mean is their mean.
+        let clips: Vec<f64> = s["psnr_per_clip"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(clips.len(), 3, "{who}");
+        assert!(
+            (clips.iter().sum::<f64>() / 3.0 - psnr).abs() < 1e-9,
+            "{who}"
+        );
+        assert_eq!(s["lpips_per_clip"].as_array().unwrap().len(), 3, "{who}");
     }
     // The model has actions, so eval also rolls it out with other clips' actions.
     let other = m["other_actions"]["psnr_per_frame"].as_array().unwrap();
@@ -209,8 +222,24 @@ fn pretrain_finetune_predict_and_exact_resume() {
         table.starts_with(&written),
         "the file holds the printed table"
     );
-    // Header, then one row per eval and one for the reference.
+    // Header, then one row per eval and one for the reference; no paired differences,
+    // as the two evals drew other clips.
     assert_eq!(written.matches("\n| ").count(), 3, "{written}");
+    assert!(!written.contains("Per-clip differences"), "{written}");
+    // The same clips and sampler noise again: paired differences, all zero.
+    ev("eval-c", &["--no-fvd", "--name", "same-clips"]);
+    let table = dws(&[
+        "compare",
+        &p("eval-a"),
+        &p("eval-c"),
+        "--out",
+        &p("cmp2.md"),
+    ]);
+    assert!(
+        table.contains("Per-clip differences against `full`")
+            && table.contains("| same-clips | +0.00 ± 0.00 (better on 0/3) |"),
+        "{table}"
+    );
 
     // Bad requests are refused with the reason.
     let bad = |extra: &[&str]| {

@@ -121,7 +121,7 @@ pub fn velocity<B: Backend>(
     let [b, f, _, _, _] = xt.dims();
     let device = xt.device();
     let times = Tensor::<B, 2>::from_data(TensorData::new(t.to_vec(), [b, f]), &device);
-    let (out, field) = model.forward_parts(xt.clone(), times, cond);
+    let (out, field) = model.forward_parts(xt.clone(), times, cond, anchor.clone());
     match prediction {
         Prediction::Velocity => out,
         Prediction::X0 => {
@@ -255,11 +255,23 @@ pub struct LossConfig {
     pub shift: f32,
     pub prediction: Prediction,
     pub loss: LossOn,
+    /// Share of clips whose context frames after the first are the model's own
+    /// predictions (see [`flow_loss`]); 0 trains on ground-truth context only.
+    pub rollout_context: f32,
+    /// Euler steps of those predictions (the sampler's count).
+    pub sample_steps: usize,
 }
 
 /// The rectified-flow loss on a batch: each clip gets `k` clean context frames (uniform in
 /// `1..F`), the rest share one flow time; squared velocity error on those frames,
 /// weighted by the motion weights. Returns the scalar loss.
+///
+/// With `rollout_context > 0`, that share of the clips with two or more context frames
+/// see, in place of context frames `1..k`, what the model itself makes of them from frame
+/// 0 (the rollout's first call, with the clip's actions, no gradient), and learn to
+/// predict the true frames after them. A rollout feeds the model its own frames, which
+/// training on clean frames never shows it; this teaches it to correct what drifted
+/// rather than build on it (scheduled sampling, Bengio et al. 2015).
 pub fn flow_loss<B: Backend>(
     world: &WorldModel<B>,
     batch: FlowBatch<B>,
@@ -271,9 +283,15 @@ pub fn flow_loss<B: Backend>(
     let mut t = vec![0f32; b * f];
     let mut mask = vec![0f32; b * f];
     let mut last = vec![0usize; b];
+    let mut own = vec![0f32; b * f];
     for i in 0..b {
         let k = if f > 1 { rng.gen_range(1..f) } else { 0 };
         last[i] = k.saturating_sub(1);
+        if cfg.rollout_context > 0.0 && k >= 2 && rng.gen::<f32>() < cfg.rollout_context {
+            for j in 1..k {
+                own[i * f + j] = 1.0;
+            }
+        }
         // Logit-normal flow time, shifted toward noise.
         let z = normal(rng, 1)[0];
         let ti = shifted(1.0 / (1.0 + (-z).exp()), cfg.shift);
@@ -282,16 +300,18 @@ pub fn flow_loss<B: Backend>(
             mask[i * f + j] = 1.0;
         }
     }
-    let anchor = (cfg.prediction == Prediction::X0).then(|| anchors(&batch.x0, &last));
+    let cond = world.cond(batch.actions.as_ref());
+    let input = own_context(world, batch.x0.clone(), cond.clone(), own, cfg, rng);
+    let anchor = (cfg.prediction == Prediction::X0).then(|| anchors(&input, &last));
     let noise = Tensor::<B, 5>::from_data(
         TensorData::new(normal(rng, b * f * c * h * w), [b, f, c, h, w]),
         &device,
     );
     let mask = Tensor::<B, 5>::from_data(TensorData::new(mask, [b, f, 1, 1, 1]), &device);
     let t5 = Tensor::<B, 5>::from_data(TensorData::new(t.clone(), [b, f, 1, 1, 1]), &device);
-    let xt = batch.x0.clone() * (t5.clone().neg() + 1.0) + noise.clone() * t5;
+    // Context frames (t = 0) are `input`; the frames to predict are the true ones.
+    let xt = input * (t5.clone().neg() + 1.0) + noise.clone() * t5;
     let target = noise - batch.x0.clone();
-    let cond = world.cond(batch.actions.as_ref());
     let read = Readout {
         prediction: cfg.prediction,
         t_min: T_MIN,
@@ -308,6 +328,35 @@ pub fn flow_loss<B: Backend>(
     let se = (v - target).powf_scalar(2.0) * weights; // [B, F, C, H, W]
     let count = mask.sum() * (c * h * w) as f64;
     se.sum() / count
+}
+
+/// The clips `x0` `[B, F, C, H, W]` with the frames marked in `own` (row-major `[B, F]`,
+/// 1 = replace) replaced by the model's own predictions of them: frames `1..F` made from
+/// frame 0 in one call, as a rollout's first call makes them (no gradient).
+fn own_context<B: Backend>(
+    world: &WorldModel<B>,
+    x0: Tensor<B, 5>,
+    cond: Option<Tensor<B, 3>>,
+    own: Vec<f32>,
+    cfg: &LossConfig,
+    rng: &mut ChaCha8Rng,
+) -> Tensor<B, 5> {
+    if !own.iter().any(|&o| o > 0.0) {
+        return x0;
+    }
+    let [b, f, _, _, _] = x0.dims();
+    let sampler = FlowConfig {
+        shift: cfg.shift,
+        sample_steps: cfg.sample_steps,
+        prediction: cfg.prediction,
+        loss: cfg.loss,
+        warp_snap: 0.0,
+    };
+    let first = x0.clone().narrow(1, 0, 1);
+    let made = sample_frames(&world.dit, first.clone(), f - 1, cond, &sampler, rng);
+    let made = Tensor::cat(vec![first, made.detach()], 1);
+    let own = Tensor::<B, 5>::from_data(TensorData::new(own, [b, f, 1, 1, 1]), &x0.device());
+    x0.clone() + (made - x0) * own
 }
 
 /// Generates `new` frames after the context `[B, K, C, H, W]` jointly, with `steps` Euler
@@ -431,6 +480,72 @@ mod tests {
             assert_eq!(at(b, f, c, y, xx), px(b, f, c, y, xx));
         }
         assert_eq!(tensor_to_frames(x), frames);
+    }
+
+    #[test]
+    fn own_context_replaces_the_marked_frames_with_the_models_predictions() {
+        use crate::flow_dit::{AttentionLayout, FlowDitConfig};
+        use rand::SeedableRng;
+        let device = Default::default();
+        let dit = FlowDitConfig {
+            image_size: 8,
+            channels: 3,
+            patch: 4,
+            width: 16,
+            depth: 1,
+            heads: 2,
+            mlp_ratio: 2,
+            max_frames: 4,
+            attention: AttentionLayout::Full,
+            time_freqs: 8,
+            input_skip: false,
+            output_gate: true,
+            warp: true,
+            anchor_input: true,
+        }
+        .init::<Flex>(&device);
+        let world = WorldModel {
+            dit,
+            embedder: None,
+        };
+        let frames: Vec<u8> = (0..2 * 4 * 8 * 8 * 3)
+            .map(|i| (i * 13 % 253) as u8)
+            .collect();
+        let x = frames_to_tensor::<Flex>(&frames, [2, 4, 8, 8, 3], &device);
+        let cfg = LossConfig {
+            motion: MotionLoss::None,
+            strength: 1.0,
+            temperature: 1.0,
+            shift: 3.0,
+            prediction: Prediction::X0,
+            loss: LossOn::X0,
+            rollout_context: 1.0,
+            sample_steps: 1,
+        };
+        // Clip 0: frames 1 and 2 are the model's own; clip 1 keeps its true frames.
+        let mut own = vec![0f32; 8];
+        own[1] = 1.0;
+        own[2] = 1.0;
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let got = own_context(&world, x.clone(), None, own, &cfg, &mut rng);
+        // An untrained clean-frame model predicts "nothing moves": its frames are frame 0.
+        let frame =
+            |t: &Tensor<Flex, 5>, i: usize, j: usize| t.clone().narrow(0, i, 1).narrow(1, j, 1);
+        let gap =
+            |a: Tensor<Flex, 5>, b: Tensor<Flex, 5>| -> f32 { (a - b).abs().max().into_scalar() };
+        for j in 1..3 {
+            assert!(
+                gap(frame(&got, 0, j), frame(&x, 0, 0)) < 1e-4,
+                "clip 0 frame {j}"
+            );
+            assert!(
+                gap(frame(&x, 0, j), frame(&x, 0, 0)) > 0.1,
+                "the test clip moves"
+            );
+        }
+        assert_eq!(gap(frame(&got, 0, 0), frame(&x, 0, 0)), 0.0);
+        assert_eq!(gap(frame(&got, 0, 3), frame(&x, 0, 3)), 0.0);
+        assert_eq!(gap(got.narrow(0, 1, 1), x.narrow(0, 1, 1)), 0.0);
     }
 
     #[test]

@@ -63,6 +63,15 @@ pub struct FlowDitConfig {
     /// written before this field.
     #[serde(default)]
     pub warp: bool,
+    /// Each token also sees the last clean context frame's patch at its position (a
+    /// second patch embedding, added to the first). A noisy frame's token then knows
+    /// what was at its place one frame ago without finding it through attention, which
+    /// is what a displacement or a residual at that place depends on most (the context-
+    /// frame concatenation of image-to-video models). Needs clean-frame prediction
+    /// (`flow.prediction = "x0"`), which supplies that frame. Off in configs written
+    /// before this field.
+    #[serde(default)]
+    pub anchor_input: bool,
 }
 
 /// Pixels of displacement per unit of the warp head's output.
@@ -104,6 +113,9 @@ impl FlowDitConfig {
         let d = self.width;
         FlowDit {
             patch_embed: LinearConfig::new(self.patch_dim(), d).init(device),
+            anchor_embed: self
+                .anchor_input
+                .then(|| LinearConfig::new(self.patch_dim(), d).init(device)),
             pos_space: Param::from_tensor(sincos_2d::<B>(self.image_size / self.patch, d, device)),
             pos_time: Param::from_tensor(sincos_1d::<B>(self.max_frames, d, device)),
             time_in: LinearConfig::new(self.time_freqs, d).init(device),
@@ -253,6 +265,8 @@ impl<B: Backend> Block<B> {
 #[derive(Module, Debug)]
 pub struct FlowDit<B: Backend> {
     patch_embed: Linear<B>,
+    /// Embedding of the last context frame's patches (see [`FlowDitConfig::anchor_input`]).
+    anchor_embed: Option<Linear<B>>,
     pos_space: Param<Tensor<B, 2>>,
     pos_time: Param<Tensor<B, 2>>,
     time_in: Linear<B>,
@@ -367,20 +381,32 @@ impl<B: Backend> FlowDit<B> {
         t: Tensor<B, 2>,
         cond: Option<Tensor<B, 3>>,
     ) -> Tensor<B, 5> {
-        self.forward_parts(x, t, cond).0
+        self.forward_parts(x, t, cond, None).0
+    }
+
+    /// Whether [`Self::forward_parts`] needs the anchor frames.
+    pub fn takes_anchor(&self) -> bool {
+        self.anchor_embed.is_some()
     }
 
     /// [`Self::forward`] and, for a model with the warp head, the per-pixel displacement
     /// field `[B, F, 2, H, W]` in pixels (x then y; output pixel p is read from p + d).
+    /// `anchor` (`[B, F, C, H, W]`, the last clean context frame at every position) is
+    /// read by a model with [`FlowDitConfig::anchor_input`] only, and it panics without.
     pub fn forward_parts(
         &self,
         x: Tensor<B, 5>,
         t: Tensor<B, 2>,
         cond: Option<Tensor<B, 3>>,
+        anchor: Option<Tensor<B, 5>>,
     ) -> (Tensor<B, 5>, Option<Tensor<B, 5>>) {
         let [_, f, c, h, w] = x.dims();
         let patches = self.patchify(x); // [B, F, N, p*p*C]
-        let tokens = self.patch_embed.forward(patches.clone()); // [B, F, N, D]
+        let mut tokens = self.patch_embed.forward(patches.clone()); // [B, F, N, D]
+        if let Some(embed) = &self.anchor_embed {
+            let anchor = anchor.expect("a model with anchor_input needs the anchor frames");
+            tokens = tokens + embed.forward(self.patchify(anchor));
+        }
         let [_, _, n, d] = tokens.dims();
         let pos = self.pos_space.val().reshape([1, 1, n, d])
             + self.pos_time.val().narrow(0, 0, f).reshape([1, f, 1, d]);

@@ -46,6 +46,11 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Checkpoints kept.
     pub keep_last: usize,
+    /// Share of training clips whose later context frames are the model's own
+    /// predictions (flow models; see `flow::flow_loss`). Configs written before this
+    /// field had none.
+    #[serde(default)]
+    pub rollout_context: f32,
 }
 
 impl TrainConfig {
@@ -58,6 +63,8 @@ impl TrainConfig {
             shift: flow.shift,
             prediction: flow.prediction,
             loss: flow.loss,
+            rollout_context: self.rollout_context,
+            sample_steps: flow.sample_steps,
         }
     }
 }

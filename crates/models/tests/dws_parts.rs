@@ -80,6 +80,7 @@ fn tiny() -> FlowDitConfig {
         input_skip: false,
         output_gate: true,
         warp: false,
+        anchor_input: false,
     }
 }
 
@@ -196,6 +197,62 @@ fn zero_initialised_action_module_changes_nothing_until_trained() {
 }
 
 #[test]
+fn the_anchor_frame_reaches_the_output_of_an_anchor_input_model() {
+    use dws_models::flow::{flow_loss, FlowBatch, LossConfig, LossOn, Prediction, WorldModel};
+    use rand::SeedableRng;
+    let device = dev();
+    AD::seed(&device, 5);
+    let mut world = WorldModel {
+        dit: FlowDitConfig {
+            warp: true,
+            anchor_input: true,
+            ..tiny()
+        }
+        .init::<AD>(&device),
+        embedder: None,
+    };
+    let clips = Tensor::<AD, 5>::random(
+        [2, 3, 3, 16, 16],
+        burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
+    let cfg = LossConfig {
+        motion: MotionLoss::None,
+        strength: 1.0,
+        temperature: 1.0,
+        shift: 3.0,
+        prediction: Prediction::X0,
+        loss: LossOn::X0,
+        rollout_context: 0.5,
+        sample_steps: 1,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let mut opt = AdamWConfig::new().init::<AD, _>();
+    for _ in 0..3 {
+        let batch = FlowBatch {
+            x0: clips.clone(),
+            actions: None,
+        };
+        let loss = flow_loss(&world, batch, &cfg, &mut rng);
+        assert!(loss.clone().into_scalar().is_finite());
+        let grads = GradientsParams::from_grads(loss.backward(), &world);
+        world = opt.step(1e-2, world, grads);
+    }
+    let x = clips.clone();
+    let t = Tensor::<AD, 2>::from_data([[0.0, 0.9, 0.9], [0.0, 0.9, 0.9]], &device);
+    let anchor = |k: usize| clips.clone().narrow(1, k, 1).repeat_dim(1, 3);
+    let (a, _) = world
+        .dit
+        .forward_parts(x.clone(), t.clone(), None, Some(anchor(0)));
+    let (b, _) = world.dit.forward_parts(x, t, None, Some(anchor(2)));
+    let gap: f32 = (a - b).abs().max().into_scalar();
+    assert!(
+        gap > 1e-5,
+        "the output ignores the anchor frame (gap {gap})"
+    );
+}
+
+#[test]
 fn minilm_matches_the_reference() {
     let text = include_str!("fixtures/minilm.json");
     let fixture: serde_json::Value = serde_json::from_str(text).unwrap();
@@ -242,28 +299,32 @@ fn untrained_x0_model_predicts_the_last_context_frame_and_velocity_model_does_no
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         sample_frames(&model, context.clone(), 2, None, &cfg, &mut rng)
     };
-    // Also with the warp head (zero-initialised: no displacement).
-    let warped = FlowDitConfig {
-        warp: true,
-        ..tiny()
+    // Also with the warp head (zero-initialised: no displacement), with and without the
+    // anchor frame as an input.
+    for anchor_input in [false, true] {
+        let warped = FlowDitConfig {
+            warp: true,
+            anchor_input,
+            ..tiny()
+        }
+        .init::<B>(&device);
+        let cfg = FlowConfig {
+            shift: 3.0,
+            sample_steps: 5,
+            prediction: Prediction::X0,
+            ..FlowConfig::default()
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let gap: f32 = (sample_frames(&warped, context.clone(), 2, None, &cfg, &mut rng)
+            - last.clone())
+        .abs()
+        .max()
+        .into_scalar();
+        assert!(
+            gap < 1e-4,
+            "untrained warp model (anchor_input {anchor_input}) moved the last frame by {gap}"
+        );
     }
-    .init::<B>(&device);
-    let cfg = FlowConfig {
-        shift: 3.0,
-        sample_steps: 5,
-        prediction: Prediction::X0,
-        ..FlowConfig::default()
-    };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let gap: f32 = (sample_frames(&warped, context.clone(), 2, None, &cfg, &mut rng)
-        - last.clone())
-    .abs()
-    .max()
-    .into_scalar();
-    assert!(
-        gap < 1e-4,
-        "untrained warp model moved the last frame by {gap}"
-    );
     // A fresh network outputs zeros (adaLN-Zero, zero-initialised projections): as a
     // clean-frame change that is "nothing moves", so every Euler step pulls the noise
     // onto the last context frame and the last step lands on it.
@@ -296,6 +357,7 @@ fn the_fused_kernels_and_burns_operations_give_the_same_model_outputs() {
     AD::seed(&device, 3);
     let cfg = FlowDitConfig {
         warp: true,
+        anchor_input: false,
         ..tiny()
     };
     let mut fused = cfg.init::<AD>(&device).attach_action_modules(8, &device);

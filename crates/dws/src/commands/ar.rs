@@ -318,12 +318,12 @@ pub struct SamplingArgs {
 pub enum Simulator<B: Backend> {
     Flow {
         cfg: Box<RunConfig>,
-        world: WorldModel<B>,
+        world: Box<WorldModel<B>>,
     },
     Ar {
         cfg: Box<ArRunConfig>,
-        world: ArWorld<B>,
-        vq: VqTokenizer<B>,
+        world: Box<ArWorld<B>>,
+        vq: Box<VqTokenizer<B>>,
     },
 }
 
@@ -344,7 +344,7 @@ impl<B: Backend> Simulator<B> {
             return Ok((
                 Self::Flow {
                     cfg: Box::new(cfg),
-                    world,
+                    world: Box::new(world),
                 },
                 ckpt,
             ));
@@ -379,8 +379,8 @@ impl<B: Backend> Simulator<B> {
         Ok((
             Self::Ar {
                 cfg: Box::new(cfg),
-                world,
-                vq,
+                world: Box::new(world),
+                vq: Box::new(vq),
             },
             ckpt,
         ))

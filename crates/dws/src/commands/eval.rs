@@ -80,6 +80,15 @@ pub struct Scores {
     pub psnr_per_frame: Vec<f64>,
     pub ssim_per_frame: Vec<f64>,
     pub lpips_per_frame: Vec<f64>,
+    /// Means over predicted frames, one per clip (in `picks` order), for paired
+    /// comparisons of models scored on the same clips. Empty in reports written before
+    /// these fields.
+    #[serde(default)]
+    pub psnr_per_clip: Vec<f64>,
+    #[serde(default)]
+    pub ssim_per_clip: Vec<f64>,
+    #[serde(default)]
+    pub lpips_per_clip: Vec<f64>,
 }
 
 /// `metrics.json`.
@@ -156,9 +165,9 @@ fn frame_scores<B: Backend>(
     device: &B::Device,
 ) -> Result<Scores> {
     let f = h * w * 3;
-    let mut ps = vec![0.0; horizon];
-    let mut ss = vec![0.0; horizon];
-    let mut ls = vec![0.0; horizon];
+    // [clip * horizon + frame]
+    let mut ps = vec![0.0; clips * horizon];
+    let mut ss = vec![0.0; clips * horizon];
     let to_f32 = |s: &[u8]| s.iter().map(|&x| x as f32 / 255.0).collect::<Vec<f32>>();
     for i in 0..clips * horizon {
         let (a, b) = (
@@ -166,21 +175,27 @@ fn frame_scores<B: Backend>(
             to_f32(&truth[i * f..(i + 1) * f]),
         );
         let (fa, fb) = (Frame::new(&a, h, w)?, Frame::new(&b, h, w)?);
-        ps[i % horizon] += psnr(&fa, &fb)? / clips as f64;
-        ss[i % horizon] += ssim(&fa, &fb)? / clips as f64;
+        ps[i] = psnr(&fa, &fb)?;
+        ss[i] = ssim(&fa, &fb)?;
     }
-    let d = lpips.frame_distances(pred, truth, (h, w), device)?;
-    for (k, v) in d.into_iter().enumerate() {
-        ls[k % horizon] += v / clips as f64;
-    }
+    let ls = lpips.frame_distances(pred, truth, (h, w), device)?;
+    let per_frame = |v: &[f64]| -> Vec<f64> {
+        (0..horizon)
+            .map(|k| (0..clips).map(|c| v[c * horizon + k]).sum::<f64>() / clips as f64)
+            .collect()
+    };
+    let per_clip = |v: &[f64]| -> Vec<f64> { v.chunks(horizon).map(mean).collect() };
     Ok(Scores {
         psnr: mean(&ps),
         ssim: mean(&ss),
         lpips: mean(&ls),
         fvd: None,
-        psnr_per_frame: ps,
-        ssim_per_frame: ss,
-        lpips_per_frame: ls,
+        psnr_per_frame: per_frame(&ps),
+        ssim_per_frame: per_frame(&ss),
+        lpips_per_frame: per_frame(&ls),
+        psnr_per_clip: per_clip(&ps),
+        ssim_per_clip: per_clip(&ss),
+        lpips_per_clip: per_clip(&ls),
     })
 }
 
@@ -558,10 +573,88 @@ pub fn compare(a: CompareArgs) -> Result<String> {
         fmt_fvd(first.repeat_last.fvd),
         first.clips
     );
+    t += &paired(&reports);
     for w in &warn {
         t += &format!("\n{w}\n");
     }
     write_table(&a.out, t)
+}
+
+/// Mean and half-width of the 95% confidence interval of the mean of `d` (Student's t).
+fn mean_ci95(d: &[f64]) -> (f64, f64) {
+    let n = d.len() as f64;
+    let m = mean(d);
+    if d.len() < 2 {
+        return (m, f64::NAN);
+    }
+    let var = d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
+    (m, t975(d.len() - 1) * (var / n).sqrt())
+}
+
+/// The 97.5% quantile of Student's t with `df` degrees of freedom: exact values up to
+/// 10, then the Cornish-Fisher expansion around the normal quantile (error under 0.002).
+fn t975(df: usize) -> f64 {
+    const SMALL: [f64; 10] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    ];
+    if (1..=10).contains(&df) {
+        return SMALL[df - 1];
+    }
+    let (z, v) = (1.959_964f64, df as f64);
+    z + (z.powi(3) + z) / (4.0 * v)
+        + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * v * v)
+        + (3.0 * z.powi(7) + 19.0 * z.powi(5) + 17.0 * z.powi(3) - 15.0 * z) / (384.0 * v.powi(3))
+}
+
+/// Per-clip differences of every model after the first against the first, for reports
+/// scored on the same clips (same data, picks, context and horizon): mean difference with
+/// its 95% confidence interval, and on how many clips the model did better. Empty when
+/// no pair qualifies.
+fn paired(reports: &[EvalReport]) -> String {
+    let first = &reports[0];
+    let same = |r: &EvalReport| {
+        (r.data.as_path(), r.context, r.horizon, &r.picks)
+            == (
+                first.data.as_path(),
+                first.context,
+                first.horizon,
+                &first.picks,
+            )
+            && r.model.psnr_per_clip.len() == r.picks.len()
+            && first.model.psnr_per_clip.len() == first.picks.len()
+    };
+    let rows: Vec<&EvalReport> = reports[1..].iter().filter(|r| same(r)).collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let cell = |a: &[f64], b: &[f64], higher_better: bool, digits: usize| {
+        let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        let (m, h) = mean_ci95(&d);
+        let wins = d
+            .iter()
+            .filter(|&&x| if higher_better { x > 0.0 } else { x < 0.0 })
+            .count();
+        format!(
+            "{m:+.digits$} ± {h:.digits$} (better on {wins}/{})",
+            d.len()
+        )
+    };
+    let mut t = format!(
+        "\nPer-clip differences against `{}` (mean ± 95% confidence interval over the same clips):\n\n\
+         | model | Δ PSNR dB | Δ SSIM | Δ LPIPS |\n|---|---|---|---|\n",
+        first.name
+    );
+    for r in rows {
+        let (a, b) = (&r.model, &first.model);
+        t += &format!(
+            "| {} | {} | {} | {} |\n",
+            r.name,
+            cell(&a.psnr_per_clip, &b.psnr_per_clip, true, 2),
+            cell(&a.ssim_per_clip, &b.ssim_per_clip, true, 4),
+            cell(&a.lpips_per_clip, &b.lpips_per_clip, false, 4),
+        );
+    }
+    t
 }
 
 /// Prints a Markdown table and writes it to `out`.
@@ -573,4 +666,24 @@ fn write_table(out: &Path, t: String) -> Result<String> {
     std::fs::write(out, &t).with_context(|| format!("writing {}", out.display()))?;
     println!("wrote {}", out.display());
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn t_quantiles_and_confidence_intervals() {
+        // Student's t 97.5% quantiles (tables): df 11, 31, 100, 1000.
+        for (df, want) in [(11, 2.201), (31, 2.0395), (100, 1.984), (1000, 1.9623)] {
+            assert!((t975(df) - want).abs() < 2e-3, "df {df}: {}", t975(df));
+        }
+        assert_eq!(t975(3), 3.182);
+        // Mean 2, sample variance 2/3, n 4: half-width t(3) · sd / 2.
+        let (m, h) = mean_ci95(&[1.0, 2.0, 3.0, 2.0]);
+        assert!((m - 2.0).abs() < 1e-12);
+        let sd = (2.0f64 / 3.0).sqrt();
+        assert!((h - 3.182 * sd / 2.0).abs() < 1e-9, "{h}");
+        assert!(mean_ci95(&[1.0]).1.is_nan());
+    }
 }

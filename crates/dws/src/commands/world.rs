@@ -13,7 +13,7 @@ use burn::tensor::backend::AutodiffBackend;
 use dws_data::{ActionSpace, ClipSampler, Dataset};
 use dws_models::checkpoint;
 use dws_models::embedders::{ActionKind, EmbedderConfig, EmbedderKind};
-use dws_models::flow::{FlowConfig, WorldModel};
+use dws_models::flow::{FlowConfig, Prediction, WorldModel};
 use dws_models::flow_dit::FlowDitConfig;
 use dws_models::motion_loss::MotionLoss;
 use dws_models::train::{train, ClipSource, RunOptions, StepLog, TrainConfig};
@@ -54,6 +54,21 @@ pub fn load_preset(name: &str) -> Result<Preset> {
     };
     let preset: Preset = toml::from_str(&text).with_context(|| format!("parsing preset {name}"))?;
     preset.model.validate().map_err(anyhow::Error::msg)?;
+    ensure!(
+        !preset.model.anchor_input || preset.flow.prediction == Prediction::X0,
+        "preset {name}: `anchor_input = true` needs `prediction = \"x0\"` in [flow] (the \
+         anchor frame is the last context frame that clean-frame prediction builds on)"
+    );
+    for (section, train) in [
+        ("pretrain", &preset.pretrain),
+        ("finetune", &preset.finetune),
+    ] {
+        ensure!(
+            (0.0..=1.0).contains(&train.rollout_context),
+            "preset {name}: [{section}] rollout_context is a share of clips, from 0 to 1 (got {})",
+            train.rollout_context
+        );
+    }
     Ok(preset)
 }
 
