@@ -473,6 +473,37 @@ pub fn upsample_bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize
         .reshape([n, c, out_h, out_w])
 }
 
+/// Frames `[B, F, C, H, W]` blurred by a Gaussian of `sigma` pixels (separable, as two
+/// matrix products; the kernel is cut at 3 sigma and renormalised at the borders).
+pub fn gaussian_blur<B: Backend>(x: Tensor<B, 5>, sigma: f32) -> Tensor<B, 5> {
+    let [b, f, c, h, w] = x.dims();
+    let device = x.device();
+    let radius = (3.0 * sigma).ceil() as isize;
+    // [n, n]: column o is the kernel centred on o.
+    let kernel = |n: usize| {
+        let mut m = vec![0.0f32; n * n];
+        for o in 0..n as isize {
+            let lo = (o - radius).max(0);
+            let hi = (o + radius).min(n as isize - 1);
+            let g = |i: isize| (-((i - o) as f32).powi(2) / (2.0 * sigma * sigma)).exp();
+            let total: f32 = (lo..=hi).map(g).sum();
+            for i in lo..=hi {
+                m[i as usize * n + o as usize] = g(i) / total;
+            }
+        }
+        Tensor::<B, 2>::from_data(TensorData::new(m, [n, n]), &device)
+    };
+    let n = b * f * c;
+    let rows = x.reshape([n * h, w]).matmul(kernel(w)); // blurred along x
+    rows.reshape([n, h, w])
+        .swap_dims(1, 2)
+        .reshape([n * w, h])
+        .matmul(kernel(h)) // along y
+        .reshape([n, w, h])
+        .swap_dims(1, 2)
+        .reshape([b, f, c, h, w])
+}
+
 /// Warps frames `[B, F, C, H, W]` by per-pixel displacements `[B, F, 2, H, W]` (pixels;
 /// output pixel p is read, bilinearly, from p + d; reads past the edge take the edge).
 pub fn warp<B: Backend>(frames: Tensor<B, 5>, field: Tensor<B, 5>) -> Tensor<B, 5> {

@@ -51,6 +51,10 @@ pub struct TrainConfig {
     /// field had none.
     #[serde(default)]
     pub rollout_context: f32,
+    /// Gaussian width (pixels) of the blurred warp loss of flow models with the warp head
+    /// (see `flow::flow_loss`); 0 = off. Configs written before this field had none.
+    #[serde(default)]
+    pub warp_blur: f32,
 }
 
 impl TrainConfig {
@@ -65,6 +69,7 @@ impl TrainConfig {
             loss: flow.loss,
             rollout_context: self.rollout_context,
             sample_steps: flow.sample_steps,
+            warp_blur: self.warp_blur,
         }
     }
 }

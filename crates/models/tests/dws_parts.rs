@@ -225,6 +225,7 @@ fn the_anchor_frame_reaches_the_output_of_an_anchor_input_model() {
         loss: LossOn::X0,
         rollout_context: 0.5,
         sample_steps: 1,
+        warp_blur: 1.5,
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
     let mut opt = AdamWConfig::new().init::<AD, _>();
@@ -459,4 +460,27 @@ fn the_warp_fields_upsampling_equals_burns_bilinear_interpolate_with_its_gradien
             "{shape:?} -> {out:?}: gradients differ by {gdiff}"
         );
     }
+}
+
+#[test]
+fn gaussian_blur_keeps_flat_images_and_spreads_an_impulse_symmetrically() {
+    use dws_models::flow_dit::gaussian_blur;
+    let device = dev();
+    let flat = Tensor::<B, 5>::full([1, 1, 1, 9, 11], 0.3, &device);
+    let gap: f32 = (gaussian_blur(flat, 1.5) - 0.3).abs().max().into_scalar();
+    assert!(
+        gap < 1e-6,
+        "a flat image changed by {gap} (borders must renormalise)"
+    );
+    // An impulse far enough from the borders that none of its kernel is cut.
+    let mut v = vec![0f32; 21 * 23];
+    v[10 * 23 + 11] = 1.0;
+    let impulse = Tensor::<B, 5>::from_data(TensorData::new(v, [1, 1, 1, 21, 23]), &device);
+    let out = to_vec(gaussian_blur(impulse, 1.0));
+    let at = |y: usize, x: usize| out[y * 23 + x];
+    assert!((out.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    // Symmetric, peaked at the centre, falling off as exp(-d²/2) (one pixel: e^-0.5).
+    assert!((at(10, 10) - at(10, 12)).abs() < 1e-7 && (at(9, 11) - at(11, 11)).abs() < 1e-7);
+    assert!((at(10, 10) / at(10, 11) - (-0.5f32).exp()).abs() < 1e-5);
+    assert!((at(9, 10) / at(10, 11) - (-1.0f32).exp()).abs() < 1e-5);
 }

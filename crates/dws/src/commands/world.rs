@@ -68,6 +68,11 @@ pub fn load_preset(name: &str) -> Result<Preset> {
             "preset {name}: [{section}] rollout_context is a share of clips, from 0 to 1 (got {})",
             train.rollout_context
         );
+        ensure!(
+            train.warp_blur.is_finite() && train.warp_blur >= 0.0,
+            "preset {name}: [{section}] warp_blur is a width in pixels, 0 (off) or more (got {})",
+            train.warp_blur
+        );
     }
     Ok(preset)
 }
