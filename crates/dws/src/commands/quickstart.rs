@@ -269,7 +269,7 @@ pub fn run(args: Args) -> Result<()> {
         args.out.join("eval").join("report.html").display()
     );
     if preset == "debug" {
-        println!("The debug preset trains for under a minute: it shows the pipeline, not a useful model. `--preset small` trains the larger small model (about 30 minutes on 2 cores); it beats a fine-tune without actions, not yet the repeat-frame reference over 15 frames (README, Status).");
+        println!("The debug preset trains for under a minute: it shows the pipeline, not a useful model. `--preset small` trains the larger small model (about 30 minutes on 2 cores); it scores above the repeat-frame reference in PSNR, not yet clearly above a fine-tune without actions (README, Status).");
     }
     println!(
         "done in {:.1} s. Next: `dws dataset info {}`, `dws eval --help` (more clips, other models, `dws compare`), `dws metrics --help` (your own videos).",
