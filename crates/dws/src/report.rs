@@ -153,12 +153,13 @@ pub fn eval_html(r: &crate::commands::eval::EvalReport, gifs: usize) -> String {
     let fvd = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.1}"));
     let row = |label: &str, s: &crate::commands::eval::Scores| {
         format!(
-            "<tr><td>{}</td><td>{:.2}</td><td>{:.4}</td><td>{:.4}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{:.2}</td><td>{:.4}</td><td>{:.4}</td><td>{}</td><td>{}</td></tr>",
             escape(label),
             s.psnr,
             s.ssim,
             s.lpips,
-            fvd(s.fvd)
+            fvd(s.fvd),
+            crate::commands::eval::fmt_db(s.psnr_moving)
         )
     };
     let mut clips = String::new();
@@ -191,12 +192,12 @@ figcaption {{ font-size: 0.85em; color: #555; }}
 </style></head><body>
 <h1>dws eval: {name}</h1>
 <p>{clips_n} held-out clips from <code>{data}</code> (seed {seed}): {context} context frame(s), {horizon} predicted, sampled with {sampling}, model {actions}. Checkpoint <code>{ckpt}</code>. Took {secs:.0} s.</p>
-<table><tr><th></th><th>PSNR (dB) ↑</th><th>SSIM ↑</th><th>LPIPS ↓</th><th>FVD ↓</th></tr>
+<table><tr><th></th><th>PSNR (dB) ↑</th><th>SSIM ↑</th><th>LPIPS ↓</th><th>FVD ↓</th><th>moving PSNR (dB) ↑</th></tr>
 {model_row}
 {other_row}
 {ref_row}
 </table>
-<p class="key">PSNR, SSIM and LPIPS (AlexNet, v0.1) are means over clips and predicted frames; FVD (Kinetics-400 I3D) compares whole clips (context + prediction) with the ground-truth clips. The reference repeats the last context frame: a model that has learned no motion scores about the same. "Given other clips' actions" rolls the model out from the same starts with the next clip's actions and the same sampler noise, scored against the recorded future: a model that follows its actions does clearly worse there; about the same score means it ignores them.</p>
+<p class="key">PSNR, SSIM and LPIPS (AlexNet, v0.1) are means over clips and predicted frames; FVD (Kinetics-400 I3D) compares whole clips (context + prediction) with the ground-truth clips. Moving PSNR scores only the pixels where the true frame differs from the last context frame (by more than {moving} in some channel), pooled per clip: whole-frame PSNR barely sees a small moving part such as a robot arm. The reference repeats the last context frame: a model that has learned no motion scores about the same. "Given other clips' actions" rolls the model out from the same starts with the next clip's actions and the same sampler noise, scored against the recorded future: a model that follows its actions does clearly worse there; about the same score means it ignores them.</p>
 {note}
 <h2>Per predicted frame</h2>
 <p class="key">Blue: model. Orange: the model given other clips' actions (models with actions). Grey: repeat the last context frame. x: frame index in the clip.</p>
@@ -230,6 +231,7 @@ figcaption {{ font-size: 0.85em; color: #555; }}
         },
         ckpt = escape(&r.ckpt.display().to_string()),
         secs = r.seconds,
+        moving = crate::commands::eval::MOVING_THRESHOLD,
         model_row = row(&r.name, &r.model),
         ref_row = row("repeat last frame", &r.repeat_last),
         other_row = r

@@ -182,6 +182,29 @@ fn pretrain_finetune_predict_and_exact_resume() {
             "{who}"
         );
         assert_eq!(s["lpips_per_clip"].as_array().unwrap().len(), 3, "{who}");
+        // The arm moves in every clip, so each has a moving-pixel PSNR, and their mean
+        // is the reported one.
+        let moving: Vec<f64> = s["psnr_moving_per_clip"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().expect("something moved"))
+            .collect();
+        assert_eq!(moving.len(), 3, "{who}");
+        let mean_moving = s["psnr_moving"].as_f64().unwrap();
+        assert!(
+            (moving.iter().sum::<f64>() / 3.0 - mean_moving).abs() < 1e-9,
+            "{who}"
+        );
+    }
+    // Repeating the last frame errs only where something moved, so its error there is
+    // larger than over the whole frame.
+    for k in 0..3 {
+        let whole = m["repeat_last"]["psnr_per_clip"][k].as_f64().unwrap();
+        let moving = m["repeat_last"]["psnr_moving_per_clip"][k]
+            .as_f64()
+            .unwrap();
+        assert!(moving < whole, "clip {k}: {moving} vs {whole}");
     }
     // The model has actions, so eval also rolls it out with other clips' actions.
     let other = m["other_actions"]["psnr_per_frame"].as_array().unwrap();
@@ -237,7 +260,8 @@ fn pretrain_finetune_predict_and_exact_resume() {
     ]);
     assert!(
         table.contains("Per-clip differences against `full`")
-            && table.contains("| same-clips | +0.00 ± 0.00 (better on 0/3) |"),
+            && table.contains("| same-clips | +0.00 ± 0.00 (better on 0/3) |")
+            && table.contains("| Δ moving PSNR dB |"),
         "{table}"
     );
 

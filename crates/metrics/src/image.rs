@@ -76,6 +76,43 @@ pub fn psnr_from_mse(mse: f64) -> f64 {
     }
 }
 
+/// Where a scene moved: the squared error of `pred` against `truth` summed over the
+/// pixels (all three channels of each) where some channel of `truth` differs from
+/// `before` (the frame the motion is measured from) by more than `threshold`, and the
+/// number of such pixels. Summed over frames and turned into a PSNR with
+/// [`psnr_from_mse`] it scores only what changed, which whole-frame PSNR dilutes when the
+/// moving part is a few percent of the image.
+pub fn moving_sse(
+    pred: &Frame,
+    truth: &Frame,
+    before: &Frame,
+    threshold: f64,
+) -> Result<(f64, usize)> {
+    same_size(pred, truth)?;
+    same_size(truth, before)?;
+    let (mut sse, mut n) = (0.0, 0);
+    for ((p, t), b) in pred
+        .data
+        .chunks_exact(3)
+        .zip(truth.data.chunks_exact(3))
+        .zip(before.data.chunks_exact(3))
+    {
+        let moved = t
+            .iter()
+            .zip(b)
+            .any(|(&x, &y)| (x as f64 - y as f64).abs() > threshold);
+        if moved {
+            sse += p
+                .iter()
+                .zip(t)
+                .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+                .sum::<f64>();
+            n += 1;
+        }
+    }
+    Ok((sse, n))
+}
+
 const WIN: usize = 11;
 const SIGMA: f64 = 1.5;
 const C1: f64 = 0.01 * 0.01;
@@ -165,6 +202,37 @@ mod tests {
         let f = Frame::new(&v, 16, 20).unwrap();
         assert_eq!(psnr(&f, &f).unwrap(), PSNR_CAP_DB);
         assert!((ssim(&f, &f).unwrap() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn moving_error_counts_only_changed_pixels() {
+        // 4×4 frames; the truth moved two pixels away from `before` (one in one channel
+        // by 0.5, one by less than the threshold, which does not count).
+        let before = vec![0.2f32; 4 * 4 * 3];
+        let mut truth = before.clone();
+        truth[5 * 3 + 1] = 0.7; // pixel 5, green
+        truth[9 * 3] = 0.25; // pixel 9, red: moved by 0.05
+                             // The prediction copies `before`, plus an error on a still pixel, which is
+                             // ignored.
+        let mut pred = before.clone();
+        pred[0] = 1.0;
+        fn f(v: &[f32]) -> Frame<'_> {
+            Frame::new(v, 4, 4).unwrap()
+        }
+        let (sse, n) = moving_sse(&f(&pred), &f(&truth), &f(&before), 0.1).unwrap();
+        assert_eq!(n, 1);
+        assert!((sse - 0.25).abs() < 1e-6, "{sse}");
+        // Predicting the truth leaves no error where it moved.
+        let (sse, n) = moving_sse(&f(&truth), &f(&truth), &f(&before), 0.1).unwrap();
+        assert_eq!((sse, n), (0.0, 1));
+        let small = vec![0.0f32; 2 * 2 * 3];
+        assert!(moving_sse(
+            &f(&pred),
+            &f(&truth),
+            &Frame::new(&small, 2, 2).unwrap(),
+            0.1
+        )
+        .is_err());
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub enum LossOn {
 /// frame prediction (keeps the loss finite near `t = 0`).
 pub const T_MIN: f32 = 0.05;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct FlowConfig {
     /// Shift of the flow-time distribution toward noise (`t' = s t / (1 + (s - 1) t)`).
     pub shift: f32,
@@ -266,14 +266,12 @@ pub struct LossConfig {
     pub motion: MotionLoss,
     pub strength: f32,
     pub temperature: f32,
-    pub shift: f32,
-    pub prediction: Prediction,
-    pub loss: LossOn,
+    /// The flow settings: time shift, prediction, loss target, and the sampler's step
+    /// count for `rollout_context` (its `warp_snap` is not applied in training).
+    pub flow: FlowConfig,
     /// Share of clips whose context frames after the first are the model's own
     /// predictions (see [`flow_loss`]); 0 trains on ground-truth context only.
     pub rollout_context: f32,
-    /// Euler steps of those predictions (the sampler's count).
-    pub sample_steps: usize,
     /// Width (Gaussian sigma, pixels) of the blurred warp loss; 0 turns it off (see
     /// [`flow_loss`]).
     pub warp_blur: f32,
@@ -319,7 +317,7 @@ pub fn flow_loss<B: Backend>(
         }
         // Logit-normal flow time, shifted toward noise.
         let z = normal(rng, 1)[0];
-        let ti = shifted(1.0 / (1.0 + (-z).exp()), cfg.shift);
+        let ti = shifted(1.0 / (1.0 + (-z).exp()), cfg.flow.shift);
         for j in k..f {
             t[i * f + j] = ti;
             mask[i * f + j] = 1.0;
@@ -327,7 +325,7 @@ pub fn flow_loss<B: Backend>(
     }
     let cond = world.cond(batch.actions.as_ref());
     let input = own_context(world, batch.x0.clone(), cond.clone(), own, cfg, rng);
-    let anchor = (cfg.prediction == Prediction::X0).then(|| anchors(&input, &last));
+    let anchor = (cfg.flow.prediction == Prediction::X0).then(|| anchors(&input, &last));
     let noise = Tensor::<B, 5>::from_data(
         TensorData::new(normal(rng, b * f * c * h * w), [b, f, c, h, w]),
         &device,
@@ -338,7 +336,7 @@ pub fn flow_loss<B: Backend>(
     let xt = input * (t5.clone().neg() + 1.0) + noise.clone() * t5;
     let target = noise - batch.x0.clone();
     let read = Readout {
-        prediction: cfg.prediction,
+        prediction: cfg.flow.prediction,
         t_min: T_MIN,
         warp_snap: 0.0,
     };
@@ -346,7 +344,7 @@ pub fn flow_loss<B: Backend>(
     let motion =
         motion_weights(batch.x0.clone(), cfg.motion, cfg.strength, cfg.temperature) * mask.clone();
     let mut weights = motion.clone();
-    if cfg.loss == LossOn::X0 {
+    if cfg.flow.loss == LossOn::X0 {
         let t2: Vec<f32> = t.iter().map(|&ti| ti.max(T_MIN).powi(2)).collect();
         weights =
             weights * Tensor::<B, 5>::from_data(TensorData::new(t2, [b, f, 1, 1, 1]), &device);
@@ -378,11 +376,8 @@ fn own_context<B: Backend>(
     }
     let [b, f, _, _, _] = x0.dims();
     let sampler = FlowConfig {
-        shift: cfg.shift,
-        sample_steps: cfg.sample_steps,
-        prediction: cfg.prediction,
-        loss: cfg.loss,
         warp_snap: 0.0,
+        ..cfg.flow
     };
     let first = x0.clone().narrow(1, 0, 1);
     let made = sample_frames(&world.dit, first.clone(), f - 1, cond, &sampler, rng);
@@ -548,11 +543,14 @@ mod tests {
             motion: MotionLoss::None,
             strength: 1.0,
             temperature: 1.0,
-            shift: 3.0,
-            prediction: Prediction::X0,
-            loss: LossOn::X0,
+            flow: FlowConfig {
+                shift: 3.0,
+                sample_steps: 1,
+                prediction: Prediction::X0,
+                loss: LossOn::X0,
+                warp_snap: 0.0,
+            },
             rollout_context: 1.0,
-            sample_steps: 1,
             warp_blur: 0.0,
         };
         // Clip 0: frames 1 and 2 are the model's own; clip 1 keeps its true frames.

@@ -64,11 +64,8 @@ impl TrainConfig {
             motion: self.motion_loss,
             strength: self.motion_strength,
             temperature: self.motion_temperature,
-            shift: flow.shift,
-            prediction: flow.prediction,
-            loss: flow.loss,
+            flow: *flow,
             rollout_context: self.rollout_context,
-            sample_steps: flow.sample_steps,
             warp_blur: self.warp_blur,
         }
     }

@@ -198,7 +198,9 @@ fn zero_initialised_action_module_changes_nothing_until_trained() {
 
 #[test]
 fn the_anchor_frame_reaches_the_output_of_an_anchor_input_model() {
-    use dws_models::flow::{flow_loss, FlowBatch, LossConfig, LossOn, Prediction, WorldModel};
+    use dws_models::flow::{
+        flow_loss, FlowBatch, FlowConfig, LossConfig, LossOn, Prediction, WorldModel,
+    };
     use rand::SeedableRng;
     let device = dev();
     AD::seed(&device, 5);
@@ -220,11 +222,14 @@ fn the_anchor_frame_reaches_the_output_of_an_anchor_input_model() {
         motion: MotionLoss::None,
         strength: 1.0,
         temperature: 1.0,
-        shift: 3.0,
-        prediction: Prediction::X0,
-        loss: LossOn::X0,
+        flow: FlowConfig {
+            shift: 3.0,
+            sample_steps: 1,
+            prediction: Prediction::X0,
+            loss: LossOn::X0,
+            warp_snap: 0.0,
+        },
         rollout_context: 0.5,
-        sample_steps: 1,
         warp_blur: 1.5,
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);

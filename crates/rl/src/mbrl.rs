@@ -473,7 +473,7 @@ impl<B: AutodiffBackend> Mbrl<B> {
         FlowSim::new(
             self.world.valid(),
             self.reward.valid(),
-            self.flow.clone(),
+            self.flow,
             self.spec.clone(),
             self.config.context,
             seed,

@@ -592,7 +592,7 @@ impl crate::device::Job for ImagineRlBench {
         let mut sim = dws_rl::sim::FlowSim::new(
             world,
             reward,
-            preset.flow.clone(),
+            preset.flow,
             spec.clone(),
             context,
             0,

@@ -13,7 +13,7 @@ use burn::tensor::backend::AutodiffBackend;
 use dws_data::{ClipSampler, Dataset};
 use dws_metrics::fvd::frechet_distance;
 use dws_metrics::i3d::{I3d, FEATURES, MIN_FRAMES};
-use dws_metrics::image::{psnr, ssim, Frame};
+use dws_metrics::image::{moving_sse, psnr, psnr_from_mse, ssim, Frame};
 use dws_metrics::lpips::Lpips;
 use dws_metrics::video::{i3d_features, split_clips};
 use dws_models::flow::tensor_to_frames;
@@ -89,7 +89,23 @@ pub struct Scores {
     pub ssim_per_clip: Vec<f64>,
     #[serde(default)]
     pub lpips_per_clip: Vec<f64>,
+    /// PSNR over the pixels that moved: where the true frame differs from the last
+    /// context frame by more than [`MOVING_THRESHOLD`] in some channel (the same pixels
+    /// for every predictor). Per clip, the error is pooled over its predicted frames; the
+    /// mean is over the clips where something moved. Whole-frame PSNR barely sees a part
+    /// that covers a few percent of the frame, such as a robot arm; this does. `None` when
+    /// nothing moved, and in reports written before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psnr_moving: Option<f64>,
+    /// One per clip (`None` where nothing moved); empty in older reports.
+    #[serde(default)]
+    pub psnr_moving_per_clip: Vec<Option<f64>>,
 }
+
+/// How far (in [0, 1] units, any channel) a pixel of the true future must differ from
+/// the last context frame to count as moving for [`Scores::psnr_moving`]: about 25 of
+/// 255 levels, above compression noise, below any real change of object.
+pub const MOVING_THRESHOLD: f64 = 0.1;
 
 /// `metrics.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -156,11 +172,13 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 /// Per-frame PSNR, SSIM and LPIPS of predicted frames against the truth, each
-/// `[clips, horizon, H, W, 3]`, averaged over clips.
+/// `[clips, horizon, H, W, 3]`, averaged over clips, and the moving-pixel PSNR, measured
+/// from `last` (`[clips, H, W, 3]`, each clip's last context frame).
 fn frame_scores<B: Backend>(
     lpips: &Lpips<B>,
     pred: &[u8],
     truth: &[u8],
+    last: &[u8],
     (clips, horizon, h, w): (usize, usize, usize, usize),
     device: &B::Device,
 ) -> Result<Scores> {
@@ -168,6 +186,8 @@ fn frame_scores<B: Backend>(
     // [clip * horizon + frame]
     let mut ps = vec![0.0; clips * horizon];
     let mut ss = vec![0.0; clips * horizon];
+    // Per clip: squared error and count of the moving pixels.
+    let mut moving = vec![(0.0, 0usize); clips];
     let to_f32 = |s: &[u8]| s.iter().map(|&x| x as f32 / 255.0).collect::<Vec<f32>>();
     for i in 0..clips * horizon {
         let (a, b) = (
@@ -177,7 +197,17 @@ fn frame_scores<B: Backend>(
         let (fa, fb) = (Frame::new(&a, h, w)?, Frame::new(&b, h, w)?);
         ps[i] = psnr(&fa, &fb)?;
         ss[i] = ssim(&fa, &fb)?;
+        let k = i / horizon;
+        let before = to_f32(&last[k * f..(k + 1) * f]);
+        let (sse, n) = moving_sse(&fa, &fb, &Frame::new(&before, h, w)?, MOVING_THRESHOLD)?;
+        moving[k].0 += sse;
+        moving[k].1 += n;
     }
+    let moving_per_clip: Vec<Option<f64>> = moving
+        .iter()
+        .map(|&(sse, n)| (n > 0).then(|| psnr_from_mse(sse / (3 * n) as f64)))
+        .collect();
+    let moved: Vec<f64> = moving_per_clip.iter().flatten().copied().collect();
     let ls = lpips.frame_distances(pred, truth, (h, w), device)?;
     let per_frame = |v: &[f64]| -> Vec<f64> {
         (0..horizon)
@@ -196,6 +226,8 @@ fn frame_scores<B: Backend>(
         psnr_per_clip: per_clip(&ps),
         ssim_per_clip: per_clip(&ss),
         lpips_per_clip: per_clip(&ls),
+        psnr_moving: (!moved.is_empty()).then(|| mean(&moved)),
+        psnr_moving_per_clip: moving_per_clip,
     })
 }
 
@@ -286,11 +318,13 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
     let mut repeat = Vec::with_capacity(pred.len());
     let mut model_clips = Vec::with_capacity(truth.len());
     let mut repeat_clips = Vec::with_capacity(truth.len());
+    let mut lasts = Vec::with_capacity(a.clips * f);
     for k in 0..a.clips {
         let clip = &truth[k * need * f..(k + 1) * need * f];
         let ctx = &clip[..a.context * f];
         let last = &clip[(a.context - 1) * f..a.context * f];
         truth_future.extend_from_slice(&clip[a.context * f..]);
+        lasts.extend_from_slice(last);
         model_clips.extend_from_slice(ctx);
         model_clips.extend_from_slice(&pred[k * a.horizon * f..(k + 1) * a.horizon * f]);
         repeat_clips.extend_from_slice(ctx);
@@ -303,13 +337,14 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
     println!("scoring {} clips: PSNR, SSIM, LPIPS", a.clips);
     let lpips = Lpips::<B>::from_asset(&device)?;
     let dims = (a.clips, a.horizon, h, w);
-    let mut model = frame_scores(&lpips, &pred, &truth_future, dims, &device)?;
-    let mut reference = frame_scores(&lpips, &repeat, &truth_future, dims, &device)?;
+    let mut model = frame_scores(&lpips, &pred, &truth_future, &lasts, dims, &device)?;
+    let mut reference = frame_scores(&lpips, &repeat, &truth_future, &lasts, dims, &device)?;
     let other_actions = if probe_actions {
         Some(frame_scores(
             &lpips,
             &pred_other,
             &truth_future,
+            &lasts,
             dims,
             &device,
         )?)
@@ -416,8 +451,8 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
 
     let fmt_fvd = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "{:<22} {:>8} {:>7} {:>7} {:>9}",
-        "", "PSNR dB", "SSIM", "LPIPS", "FVD"
+        "{:<22} {:>8} {:>7} {:>7} {:>9} {:>11}",
+        "", "PSNR dB", "SSIM", "LPIPS", "FVD", "moving PSNR"
     );
     let mut rows = vec![(report.name.as_str(), &report.model)];
     if let Some(o) = &report.other_actions {
@@ -426,12 +461,13 @@ fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<EvalReport> {
     rows.push(("repeat last frame", &report.repeat_last));
     for (label, s) in rows {
         println!(
-            "{:<22} {:>8.2} {:>7.4} {:>7.4} {:>9}",
+            "{:<22} {:>8.2} {:>7.4} {:>7.4} {:>9} {:>11}",
             label,
             s.psnr,
             s.ssim,
             s.lpips,
-            fmt_fvd(s.fvd)
+            fmt_fvd(s.fvd),
+            fmt_db(s.psnr_moving)
         );
     }
     if let Some(n) = &report.fvd_note {
@@ -546,16 +582,17 @@ pub fn compare(a: CompareArgs) -> Result<String> {
         }
     }
     let fmt_fvd = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-    let mut t = String::from("| model | actions | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FVD ↓ | PSNR drop with other actions | clips |\n|---|---|---|---|---|---|---|---|\n");
+    let mut t = String::from("| model | actions | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FVD ↓ | moving PSNR ↑ | PSNR drop with other actions | clips |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in &reports {
         t += &format!(
-            "| {} | {} | {:.2} | {:.4} | {:.4} | {} | {} | {} |\n",
+            "| {} | {} | {:.2} | {:.4} | {:.4} | {} | {} | {} | {} |\n",
             r.name,
             if r.with_actions { "yes" } else { "no" },
             r.model.psnr,
             r.model.ssim,
             r.model.lpips,
             fmt_fvd(r.model.fvd),
+            fmt_db(r.model.psnr_moving),
             r.other_actions
                 .as_ref()
                 .map_or("-".to_string(), |o| format!(
@@ -566,11 +603,12 @@ pub fn compare(a: CompareArgs) -> Result<String> {
         );
     }
     t += &format!(
-        "| repeat last frame | - | {:.2} | {:.4} | {:.4} | {} | - | {} |\n",
+        "| repeat last frame | - | {:.2} | {:.4} | {:.4} | {} | {} | - | {} |\n",
         first.repeat_last.psnr,
         first.repeat_last.ssim,
         first.repeat_last.lpips,
         fmt_fvd(first.repeat_last.fvd),
+        fmt_db(first.repeat_last.psnr_moving),
         first.clips
     );
     t += &paired(&reports);
@@ -578,6 +616,11 @@ pub fn compare(a: CompareArgs) -> Result<String> {
         t += &format!("\n{w}\n");
     }
     write_table(&a.out, t)
+}
+
+/// A PSNR in dB with two decimals, or `-`.
+pub fn fmt_db(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |v| format!("{v:.2}"))
 }
 
 /// Mean and half-width of the 95% confidence interval of the mean of `d` (Student's t).
@@ -641,17 +684,29 @@ fn paired(reports: &[EvalReport]) -> String {
     };
     let mut t = format!(
         "\nPer-clip differences against `{}` (mean ± 95% confidence interval over the same clips):\n\n\
-         | model | Δ PSNR dB | Δ SSIM | Δ LPIPS |\n|---|---|---|---|\n",
+         | model | Δ PSNR dB | Δ SSIM | Δ LPIPS | Δ moving PSNR dB |\n|---|---|---|---|---|\n",
         first.name
     );
     for r in rows {
         let (a, b) = (&r.model, &first.model);
+        // Clips where something moved (the same for both: the mask is the truth's).
+        let (ma, mb): (Vec<f64>, Vec<f64>) = a
+            .psnr_moving_per_clip
+            .iter()
+            .zip(&b.psnr_moving_per_clip)
+            .filter_map(|(x, y)| Some(((*x)?, (*y)?)))
+            .unzip();
         t += &format!(
-            "| {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} |\n",
             r.name,
             cell(&a.psnr_per_clip, &b.psnr_per_clip, true, 2),
             cell(&a.ssim_per_clip, &b.ssim_per_clip, true, 4),
             cell(&a.lpips_per_clip, &b.lpips_per_clip, false, 4),
+            if ma.is_empty() {
+                "-".to_string()
+            } else {
+                cell(&ma, &mb, true, 2)
+            },
         );
     }
     t

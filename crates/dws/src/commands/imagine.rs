@@ -549,7 +549,7 @@ impl Job for ImagineJob {
         let mut sim = FlowSim::new(
             world,
             reward,
-            wcfg.flow.clone(),
+            wcfg.flow,
             spec.clone(),
             context,
             a.seed,

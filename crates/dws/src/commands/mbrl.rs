@@ -249,7 +249,7 @@ fn build_world<B: AutodiffBackend>(
         }
         None => {
             let e = embedder_config(spec, &config.embedder, preset.dws.cond_dim)?;
-            (DwsConfig { embedder: e }, None, preset.flow.clone())
+            (DwsConfig { embedder: e }, None, preset.flow)
         }
     };
     let run = RunConfig {
@@ -309,7 +309,7 @@ impl Job for MbrlJob {
             world,
             reward,
             loss,
-            world_cfg.flow.clone(),
+            world_cfg.flow,
             config.seed,
             &device,
         )?;

@@ -267,7 +267,7 @@ fn model_shared<B: Backend>(a: &PlayArgs, device: B::Device) -> Result<Shared> {
             Err(e) => (None, Some(format!("{e:#}"))),
         }
     };
-    let flow = cfg.flow.clone();
+    let flow = cfg.flow;
     let (tx, rx) = mpsc::channel::<StepRequest>();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
     let max_batch = a.max_sessions;
@@ -355,7 +355,7 @@ fn model_worker<B: Backend>(
             let cond = world.cond(Some(&actions));
             let cfg = FlowConfig {
                 sample_steps: steps,
-                ..flow.clone()
+                ..flow
             };
             let next = sample_frames(&world.dit, ctx, 1, cond, &cfg, &mut rng);
             let out = tensor_to_frames(next);
