@@ -128,6 +128,16 @@ fn pretrain_finetune_predict_and_exact_resume() {
         own["episodes"][0]["repeat_last"]["mse_per_frame"],
         other["episodes"][0]["repeat_last"]["mse_per_frame"]
     );
+    // Moving-pixel PSNR: the arm moves, so each score has one. Repeating the first frame
+    // errs only where something moved, so it scores far lower there than on whole frames.
+    let rl = &own["episodes"][0]["repeat_last"];
+    assert!(
+        rl["moving_psnr"].as_f64().unwrap() < rl["mean_psnr"].as_f64().unwrap(),
+        "{rl}"
+    );
+    let vs = &other["episodes"][0]["model_vs_recorded"];
+    assert!(vs["moving_psnr"].as_f64().is_some(), "{vs}");
+    assert!(text.contains("moving pixels"), "{text}");
 
     // dws eval: metrics of the model and of the repeat-last-frame reference, FVD, plots,
     // GIFs and an HTML report that points at them; dws compare tabulates evals.

@@ -76,41 +76,63 @@ pub fn psnr_from_mse(mse: f64) -> f64 {
     }
 }
 
-/// Where a scene moved: the squared error of `pred` against `truth` summed over the
-/// pixels (all three channels of each) where some channel of `truth` differs from
-/// `before` (the frame the motion is measured from) by more than `threshold`, and the
-/// number of such pixels. Summed over frames and turned into a PSNR with
-/// [`psnr_from_mse`] it scores only what changed, which whole-frame PSNR dilutes when the
-/// moving part is a few percent of the image.
+/// Which pixels moved: those where some channel of `truth` differs from `before` (the
+/// frame the motion is measured from) by more than `threshold`.
+pub fn moved(truth: &Frame, before: &Frame, threshold: f64) -> Result<Vec<bool>> {
+    same_size(truth, before)?;
+    Ok(truth
+        .data
+        .chunks_exact(3)
+        .zip(before.data.chunks_exact(3))
+        .map(|(t, b)| {
+            t.iter()
+                .zip(b)
+                .any(|(&x, &y)| (x as f64 - y as f64).abs() > threshold)
+        })
+        .collect())
+}
+
+/// The squared error of `pred` against `truth` summed over the pixels (all three
+/// channels of each) that `mask` marks, and how many it marks.
+pub fn masked_sse(pred: &Frame, truth: &Frame, mask: &[bool]) -> Result<(f64, usize)> {
+    same_size(pred, truth)?;
+    if mask.len() != pred.height * pred.width {
+        return Err(MetricsError::Input(format!(
+            "a mask of {} pixels for {}×{} frames",
+            mask.len(),
+            pred.height,
+            pred.width
+        )));
+    }
+    let (mut sse, mut n) = (0.0, 0);
+    for ((p, t), _) in pred
+        .data
+        .chunks_exact(3)
+        .zip(truth.data.chunks_exact(3))
+        .zip(mask)
+        .filter(|(_, &m)| m)
+    {
+        sse += p
+            .iter()
+            .zip(t)
+            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+            .sum::<f64>();
+        n += 1;
+    }
+    Ok((sse, n))
+}
+
+/// Where a scene moved: [`masked_sse`] over the pixels [`moved`] from `before` to
+/// `truth`. Summed over frames and turned into a PSNR with [`psnr_from_mse`] it scores
+/// only what changed, which whole-frame PSNR dilutes when the moving part is a few
+/// percent of the image.
 pub fn moving_sse(
     pred: &Frame,
     truth: &Frame,
     before: &Frame,
     threshold: f64,
 ) -> Result<(f64, usize)> {
-    same_size(pred, truth)?;
-    same_size(truth, before)?;
-    let (mut sse, mut n) = (0.0, 0);
-    for ((p, t), b) in pred
-        .data
-        .chunks_exact(3)
-        .zip(truth.data.chunks_exact(3))
-        .zip(before.data.chunks_exact(3))
-    {
-        let moved = t
-            .iter()
-            .zip(b)
-            .any(|(&x, &y)| (x as f64 - y as f64).abs() > threshold);
-        if moved {
-            sse += p
-                .iter()
-                .zip(t)
-                .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-                .sum::<f64>();
-            n += 1;
-        }
-    }
-    Ok((sse, n))
+    masked_sse(pred, truth, &moved(truth, before, threshold)?)
 }
 
 const WIN: usize = 11;

@@ -11,6 +11,7 @@
 //! the repeat-the-last-context-frame reference.
 
 use super::ar::{SamplingArgs, Simulator};
+use super::eval::{fmt_db, MOVING_THRESHOLD};
 use crate::device::{dispatch, DeviceArg, Job};
 use crate::report::Pair;
 use anyhow::{bail, Context, Result};
@@ -18,6 +19,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use dws_data::{Actions, Dataset};
 use dws_envs::{Action, EnvConfig};
+use dws_metrics::image::{masked_sse, moved, psnr_from_mse, Frame};
 use dws_models::embedders::ActionBatch;
 use dws_models::flow::{frames_to_tensor, tensor_to_frames};
 use rand::SeedableRng;
@@ -74,6 +76,12 @@ pub struct Errors {
     pub psnr_per_frame: Vec<f64>,
     pub mean_mse: f64,
     pub mean_psnr: f64,
+    /// PSNR over the pixels that moved (see `dws eval`'s moving PSNR), pooled over the
+    /// frames: those where the truth differs from the last context frame (with other
+    /// actions, where either the replayed or the recorded truth does, so the model's two
+    /// scores are on the same pixels). `None` where nothing moved, or for non-RGB frames.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moving_psnr: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -142,7 +150,56 @@ pub fn errors(pred: &[u8], truth: &[u8], frame_len: usize) -> Errors {
         mean_psnr: mean(&psnr),
         mse_per_frame: mse,
         psnr_per_frame: psnr,
+        moving_psnr: None,
     }
+}
+
+fn unit(frame: &[u8]) -> Vec<f32> {
+    frame.iter().map(|&x| x as f32 / 255.0).collect()
+}
+
+/// The pixels of each future frame (`[T, H, W]`) where any of `truths` (each
+/// `[T, H, W, 3]`) moved from `last` by more than the eval's threshold.
+fn moved_pixels(truths: &[&[u8]], last: &[u8], (h, w): (usize, usize)) -> Result<Vec<bool>> {
+    let f = h * w * 3;
+    let before = unit(last);
+    let before = Frame::new(&before, h, w)?;
+    let frames = truths[0].len() / f;
+    let mut mask = vec![false; frames * h * w];
+    for truth in truths {
+        for (k, frame) in truth.chunks_exact(f).enumerate() {
+            let frame = unit(frame);
+            let m = moved(&Frame::new(&frame, h, w)?, &before, MOVING_THRESHOLD)?;
+            for (out, m) in mask[k * h * w..(k + 1) * h * w].iter_mut().zip(m) {
+                *out |= m;
+            }
+        }
+    }
+    Ok(mask)
+}
+
+/// `errors` with the PSNR over the pixels `mask` marks (from [`moved_pixels`]).
+fn errors_moving(
+    pred: &[u8],
+    truth: &[u8],
+    mask: &[bool],
+    (h, w): (usize, usize),
+) -> Result<Errors> {
+    let f = h * w * 3;
+    let mut e = errors(pred, truth, f);
+    let (mut sse, mut n) = (0.0, 0);
+    for (k, (p, t)) in pred.chunks_exact(f).zip(truth.chunks_exact(f)).enumerate() {
+        let (p, t) = (unit(p), unit(t));
+        let (s, c) = masked_sse(
+            &Frame::new(&p, h, w)?,
+            &Frame::new(&t, h, w)?,
+            &mask[k * h * w..(k + 1) * h * w],
+        )?;
+        sse += s;
+        n += c;
+    }
+    e.moving_psnr = (n > 0).then(|| psnr_from_mse(sse / (3 * n) as f64));
+    Ok(e)
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -358,20 +415,29 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
         let truth = &r.truth[a.context * f..];
         let last = &r.truth[(a.context - 1) * f..a.context * f];
         let copy: Vec<u8> = (0..a.horizon).flat_map(|_| last.iter().copied()).collect();
+        let recorded = r.recorded.as_ref().map(|rec| &rec[a.context * f..]);
+        // The moving-pixel PSNR needs RGB frames.
+        let mask = if c == 3 {
+            let truths: Vec<&[u8]> = std::iter::once(truth).chain(recorded).collect();
+            Some(moved_pixels(&truths, last, (h, w))?)
+        } else {
+            None
+        };
+        let score = |p: &[u8], t: &[u8]| match &mask {
+            Some(m) => errors_moving(p, t, m, (h, w)),
+            None => Ok(errors(p, t, f)),
+        };
         reports.push(EpisodeReport {
             episode: r.episode,
             actions_from: r.actions_from,
-            truth: if r.recorded.is_some() {
+            truth: if recorded.is_some() {
                 "replayed"
             } else {
                 "recorded"
             },
-            model: errors(pred, truth, f),
-            repeat_last: errors(&copy, truth, f),
-            model_vs_recorded: r
-                .recorded
-                .as_ref()
-                .map(|rec| errors(pred, &rec[a.context * f..], f)),
+            model: score(pred, truth)?,
+            repeat_last: score(&copy, truth)?,
+            model_vs_recorded: recorded.map(|rec| score(pred, rec)).transpose()?,
         });
     }
     let shown: Vec<Pair<'_>> = eps
@@ -408,7 +474,7 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
 
     for r in &report.episodes {
         println!(
-            "episode {:>4}{}: MSE {:.5}  PSNR {:6.2} dB   (repeat last frame: MSE {:.5}, PSNR {:6.2} dB)",
+            "episode {:>4}{}: MSE {:.5}  PSNR {:6.2} dB, moving pixels {} dB   (repeat last frame: MSE {:.5}, PSNR {:6.2} dB, moving pixels {} dB)",
             r.episode,
             if r.actions_from != r.episode {
                 format!(" with the actions of episode {} (truth replayed)", r.actions_from)
@@ -417,13 +483,18 @@ fn run<B: Backend>(a: PredictArgs, device: B::Device) -> Result<PredictReport> {
             },
             r.model.mean_mse,
             r.model.mean_psnr,
+            fmt_db(r.model.moving_psnr),
             r.repeat_last.mean_mse,
-            r.repeat_last.mean_psnr
+            r.repeat_last.mean_psnr,
+            fmt_db(r.repeat_last.moving_psnr)
         );
         if let Some(e) = &r.model_vs_recorded {
             println!(
-                "      the same prediction against episode {} as recorded (its own actions): MSE {:.5}  PSNR {:6.2} dB",
-                r.episode, e.mean_mse, e.mean_psnr
+                "      the same prediction against episode {} as recorded (its own actions): MSE {:.5}  PSNR {:6.2} dB, moving pixels {} dB (the same pixels)",
+                r.episode,
+                e.mean_mse,
+                e.mean_psnr,
+                fmt_db(e.moving_psnr)
             );
         }
     }
@@ -460,4 +531,37 @@ pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 pub fn predict(args: PredictArgs) -> Result<PredictReport> {
     let device = args.device;
     dispatch(device, PredictJob(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moving_pixels_are_the_union_over_truths_and_score_only_there() {
+        // Two 1×2 frames per truth; pixel 0 moves in truth `a` at frame 0, pixel 1 in
+        // truth `b` at frame 1.
+        let last = [0u8; 6];
+        let a = [200, 0, 0, 0, 0, 0, /* frame 1 */ 0, 0, 0, 0, 0, 0];
+        let b = [0, 0, 0, 0, 0, 0, /* frame 1 */ 0, 0, 0, 0, 90, 0];
+        let mask = moved_pixels(&[&a, &b], &last, (1, 2)).unwrap();
+        assert_eq!(mask, vec![true, false, false, true]);
+        // A prediction that is right where `a` moved and wrong by 0.2 on one channel of
+        // a still pixel: the moving error pools the 2 marked pixels (6 values).
+        let mut pred = a;
+        pred[3] = 51;
+        let e = errors_moving(&pred, &a, &mask, (1, 2)).unwrap();
+        assert_eq!(e.moving_psnr, Some(psnr_from_mse(0.0)));
+        let e = errors_moving(&last.repeat(2), &a, &mask, (1, 2)).unwrap();
+        let want = psnr_from_mse((200.0f64 / 255.0).powi(2) / 6.0);
+        assert!((e.moving_psnr.unwrap() - want).abs() < 1e-5);
+        // Nothing moved: no moving score.
+        let still = moved_pixels(&[&[0u8; 12]], &last, (1, 2)).unwrap();
+        assert_eq!(
+            errors_moving(&pred, &a, &still, (1, 2))
+                .unwrap()
+                .moving_psnr,
+            None
+        );
+    }
 }

@@ -256,16 +256,18 @@ pub fn run(args: Args) -> Result<()> {
         gif.with_extension("png").display()
     );
     println!(
-        "  eval of {} held-out clips: PSNR {:.2} dB, SSIM {:.3}, LPIPS {:.3}, FVD {} (repeat last frame: {:.2} dB, {:.3}, {:.3}, {})\n  report: {}",
+        "  eval of {} held-out clips: PSNR {:.2} dB, SSIM {:.3}, LPIPS {:.3}, FVD {}, moving-pixel PSNR {} dB (repeat last frame: {:.2} dB, {:.3}, {:.3}, {}, {} dB)\n  report: {}",
         eval.clips,
         eval.model.psnr,
         eval.model.ssim,
         eval.model.lpips,
         eval.model.fvd.map_or("-".into(), |v| format!("{v:.0}")),
+        super::eval::fmt_db(eval.model.psnr_moving),
         eval.repeat_last.psnr,
         eval.repeat_last.ssim,
         eval.repeat_last.lpips,
         eval.repeat_last.fvd.map_or("-".into(), |v| format!("{v:.0}")),
+        super::eval::fmt_db(eval.repeat_last.psnr_moving),
         args.out.join("eval").join("report.html").display()
     );
     if preset == "debug" {
