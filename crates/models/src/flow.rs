@@ -546,9 +546,7 @@ mod tests {
             flow: FlowConfig {
                 shift: 3.0,
                 sample_steps: 1,
-                prediction: Prediction::X0,
-                loss: LossOn::X0,
-                warp_snap: 0.0,
+                ..FlowConfig::default() // clean-frame prediction and loss
             },
             rollout_context: 1.0,
             warp_blur: 0.0,

@@ -198,9 +198,7 @@ fn zero_initialised_action_module_changes_nothing_until_trained() {
 
 #[test]
 fn the_anchor_frame_reaches_the_output_of_an_anchor_input_model() {
-    use dws_models::flow::{
-        flow_loss, FlowBatch, FlowConfig, LossConfig, LossOn, Prediction, WorldModel,
-    };
+    use dws_models::flow::{flow_loss, FlowBatch, FlowConfig, LossConfig, WorldModel};
     use rand::SeedableRng;
     let device = dev();
     AD::seed(&device, 5);
@@ -225,9 +223,7 @@ fn the_anchor_frame_reaches_the_output_of_an_anchor_input_model() {
         flow: FlowConfig {
             shift: 3.0,
             sample_steps: 1,
-            prediction: Prediction::X0,
-            loss: LossOn::X0,
-            warp_snap: 0.0,
+            ..FlowConfig::default() // clean-frame prediction and loss
         },
         rollout_context: 0.5,
         warp_blur: 1.5,
