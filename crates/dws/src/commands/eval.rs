@@ -593,12 +593,13 @@ pub fn compare(a: CompareArgs) -> Result<String> {
             r.model.lpips,
             fmt_fvd(r.model.fvd),
             fmt_db(r.model.psnr_moving),
-            r.other_actions
-                .as_ref()
-                .map_or("-".to_string(), |o| format!(
-                    "{:.2} dB",
-                    r.model.psnr - o.psnr
-                )),
+            r.other_actions.as_ref().map_or("-".to_string(), |o| {
+                let moving = match (r.model.psnr_moving, o.psnr_moving) {
+                    (Some(m), Some(o)) => format!(" (moving pixels {:.2} dB)", m - o),
+                    _ => String::new(),
+                };
+                format!("{:.2} dB{moving}", r.model.psnr - o.psnr)
+            }),
             r.clips
         );
     }
