@@ -19,19 +19,9 @@ PRESET=${PRESET:-small}
 CLIPS=${CLIPS:-32}
 DWS=${DWS:-target/release/dws}
 DEVICE=${DEVICE:-cpu}
-steps() { if [ -n "${1:-}" ]; then echo "--steps $1"; fi; }
-
+# shellcheck source=scripts/common.sh
+source "$(dirname "$0")/common.sh"
 mkdir -p "$OUT/data"
-log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
-
-collect() { # DIR EPISODES SEED ENV [OPTS] [POLICY]
-  if [ ! -f "$1/.complete" ]; then
-    rm -rf "$1"
-    "$DWS" collect --env "$4" --env-opts "${5:-}" --policy "${6:-random}" --episodes "$2" \
-      --seed "$3" --workers 2 --out "$1"
-    touch "$1/.complete"
-  fi
-}
 log "data"
 collect "$OUT/data/push" 256 0 push "" scripted
 collect "$OUT/data/push-heldout" 16 1000000 push "" scripted
