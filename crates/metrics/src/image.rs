@@ -37,6 +37,11 @@ impl<'a> Frame<'a> {
     }
 }
 
+/// 8-bit values as `f32` in [0, 1], the range [`Frame`] holds.
+pub fn to_unit(bytes: &[u8]) -> Vec<f32> {
+    bytes.iter().map(|&x| x as f32 / 255.0).collect()
+}
+
 fn same_size(a: &Frame, b: &Frame) -> Result<()> {
     if (a.height, a.width) != (b.height, b.width) {
         return Err(MetricsError::Input(format!(

@@ -13,7 +13,7 @@ use burn::tensor::backend::AutodiffBackend;
 use dws_data::{ClipSampler, Dataset};
 use dws_metrics::fvd::frechet_distance;
 use dws_metrics::i3d::{I3d, FEATURES, MIN_FRAMES};
-use dws_metrics::image::{moving_sse, psnr, psnr_from_mse, ssim, Frame};
+use dws_metrics::image::{moving_sse, psnr, psnr_from_mse, ssim, to_unit, Frame};
 use dws_metrics::lpips::Lpips;
 use dws_metrics::video::{i3d_features, split_clips};
 use dws_models::flow::tensor_to_frames;
@@ -188,18 +188,18 @@ fn frame_scores<B: Backend>(
     let mut ss = vec![0.0; clips * horizon];
     // Per clip: squared error and count of the moving pixels.
     let mut moving = vec![(0.0, 0usize); clips];
-    let to_f32 = |s: &[u8]| s.iter().map(|&x| x as f32 / 255.0).collect::<Vec<f32>>();
+    let lasts = to_unit(last);
     for i in 0..clips * horizon {
         let (a, b) = (
-            to_f32(&pred[i * f..(i + 1) * f]),
-            to_f32(&truth[i * f..(i + 1) * f]),
+            to_unit(&pred[i * f..(i + 1) * f]),
+            to_unit(&truth[i * f..(i + 1) * f]),
         );
         let (fa, fb) = (Frame::new(&a, h, w)?, Frame::new(&b, h, w)?);
         ps[i] = psnr(&fa, &fb)?;
         ss[i] = ssim(&fa, &fb)?;
         let k = i / horizon;
-        let before = to_f32(&last[k * f..(k + 1) * f]);
-        let (sse, n) = moving_sse(&fa, &fb, &Frame::new(&before, h, w)?, MOVING_THRESHOLD)?;
+        let before = Frame::new(&lasts[k * f..(k + 1) * f], h, w)?;
+        let (sse, n) = moving_sse(&fa, &fb, &before, MOVING_THRESHOLD)?;
         moving[k].0 += sse;
         moving[k].1 += n;
     }

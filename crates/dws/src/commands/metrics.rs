@@ -137,10 +137,7 @@ fn match_items(a: &Path, b: &Path) -> Result<Vec<(String, Item, Item)>> {
 
 fn frames_f32(v: &Video, i: usize) -> Vec<f32> {
     let f = v.h * v.w * 3;
-    v.frames[i * f..(i + 1) * f]
-        .iter()
-        .map(|&x| x as f32 / 255.0)
-        .collect()
+    dws_metrics::image::to_unit(&v.frames[i * f..(i + 1) * f])
 }
 
 fn mean(v: &[f64]) -> f64 {

@@ -19,7 +19,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use dws_data::{Actions, Dataset};
 use dws_envs::{Action, EnvConfig};
-use dws_metrics::image::{masked_sse, moved, psnr_from_mse, Frame};
+use dws_metrics::image::{masked_sse, moved, psnr_from_mse, to_unit, Frame};
 use dws_models::embedders::ActionBatch;
 use dws_models::flow::{frames_to_tensor, tensor_to_frames};
 use rand::SeedableRng;
@@ -154,21 +154,17 @@ pub fn errors(pred: &[u8], truth: &[u8], frame_len: usize) -> Errors {
     }
 }
 
-fn unit(frame: &[u8]) -> Vec<f32> {
-    frame.iter().map(|&x| x as f32 / 255.0).collect()
-}
-
 /// The pixels of each future frame (`[T, H, W]`) where any of `truths` (each
 /// `[T, H, W, 3]`) moved from `last` by more than the eval's threshold.
 fn moved_pixels(truths: &[&[u8]], last: &[u8], (h, w): (usize, usize)) -> Result<Vec<bool>> {
     let f = h * w * 3;
-    let before = unit(last);
+    let before = to_unit(last);
     let before = Frame::new(&before, h, w)?;
     let frames = truths[0].len() / f;
     let mut mask = vec![false; frames * h * w];
     for truth in truths {
         for (k, frame) in truth.chunks_exact(f).enumerate() {
-            let frame = unit(frame);
+            let frame = to_unit(frame);
             let m = moved(&Frame::new(&frame, h, w)?, &before, MOVING_THRESHOLD)?;
             for (out, m) in mask[k * h * w..(k + 1) * h * w].iter_mut().zip(m) {
                 *out |= m;
@@ -189,7 +185,7 @@ fn errors_moving(
     let mut e = errors(pred, truth, f);
     let (mut sse, mut n) = (0.0, 0);
     for (k, (p, t)) in pred.chunks_exact(f).zip(truth.chunks_exact(f)).enumerate() {
-        let (p, t) = (unit(p), unit(t));
+        let (p, t) = (to_unit(p), to_unit(t));
         let (s, c) = masked_sse(
             &Frame::new(&p, h, w)?,
             &Frame::new(&t, h, w)?,

@@ -296,8 +296,10 @@ impl Job for EvalJob {
                 }
                 let recon = tensor_to_frames(vq.decode(tokens).reshape([n, 1, 3, side, side]));
                 for (p, q) in chunk.chunks_exact(f).zip(recon.chunks_exact(f)) {
-                    let to01 = |v: &[u8]| v.iter().map(|&b| b as f32 / 255.0).collect::<Vec<_>>();
-                    let (p, q) = (to01(p), to01(q));
+                    let (p, q) = (
+                        dws_metrics::image::to_unit(p),
+                        dws_metrics::image::to_unit(q),
+                    );
                     psnr_sum += dws_metrics::image::psnr(
                         &dws_metrics::image::Frame::new(&p, side, side)?,
                         &dws_metrics::image::Frame::new(&q, side, side)?,
