@@ -8,9 +8,13 @@
 //! `dV += Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ += dS K · s`,
 //! `dK += dSᵀ Q · s` with `s = 1/sqrt(d)`.
 //!
-//! Layout: `q` `[G, Lq, d]`, `k` `[G, Lk, d]`, `v` `[G, Lk, dv]` row-major, `G` the
-//! batch × heads; work is split over `G` and query tiles. Causal: query `i` sees keys
-//! `0..=i` (only for `Lq == Lk`, where every convention agrees).
+//! Layout: each operand is read through a [`Layout`] (row `i` of batch `b`, head `h` at
+//! `b · batch + h · head + i · row`), so `q`, `k`, `v` can be separate `[B·H, L, d]`
+//! tensors or the heads' columns of one packed `[B, L, 3·H·d]` projection, with no copy.
+//! The output is `[B, Lq, H·dv]` (heads side by side; `[B·H, Lq, dv]` when `H = 1`) and
+//! the log-sum-exps `[B, Lq, H]`. The forward splits its work over batch items and query
+//! tiles, the backward over batch items. Causal: query `i` sees keys `0..=i` (only for
+//! `Lq == Lk`, where every convention agrees).
 
 use crate::conv::matmul;
 use crate::math::{exp, level, multiversion, Level, MulAdd};
@@ -24,8 +28,8 @@ const BK: usize = 64;
 /// Sizes of one attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnShape {
-    /// Batch × heads.
-    pub groups: usize,
+    pub batch: usize,
+    pub heads: usize,
     pub lq: usize,
     pub lk: usize,
     /// Query/key width.
@@ -49,43 +53,98 @@ impl AttnShape {
         }
     }
 
-    fn check(&self, q: &[f32], k: &[f32], v: &[f32]) {
-        assert_eq!(
-            q.len(),
-            self.groups * self.lq * self.d,
-            "q is not [G, Lq, d]"
-        );
-        assert_eq!(
-            k.len(),
-            self.groups * self.lk * self.d,
-            "k is not [G, Lk, d]"
-        );
-        assert_eq!(
-            v.len(),
-            self.groups * self.lk * self.dv,
-            "v is not [G, Lk, dv]"
-        );
+    /// Panics unless every row the operands' layouts reach is inside their slices.
+    fn check(&self, q: &Operand, k: &Operand, v: &Operand) {
+        q.check(self, self.lq, self.d, "q");
+        k.check(self, self.lk, self.d, "k");
+        v.check(self, self.lk, self.dv, "v");
         assert!(
             !self.causal || self.lq == self.lk,
             "causal flash attention takes as many queries as keys"
         );
     }
+
+    /// Width of an output row: the heads side by side.
+    fn out_row(&self) -> usize {
+        self.heads * self.dv
+    }
 }
 
-/// `scores[r, j] = s · q_r · k_j`, masked (−∞) where key `j0 + j` is after query `i0 + r`.
+/// Where an operand's rows are: row `i` of batch item `b`, head `h` starts at
+/// `b · batch + h · head + i · row`, its values contiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub batch: usize,
+    pub head: usize,
+    pub row: usize,
+}
+
+impl Layout {
+    /// Separate `[B·H, L, w]` tensors (`H = 1` in the shape).
+    pub fn separate(len: usize, width: usize) -> Layout {
+        Layout {
+            batch: len * width,
+            head: 0,
+            row: width,
+        }
+    }
+
+    /// Part `part` (0: q, 1: k, 2: v) of a packed `[B, L, 3·H·w]` projection, read from
+    /// the slice that starts at that part's first column.
+    pub fn packed(len: usize, heads: usize, width: usize) -> Layout {
+        Layout {
+            batch: len * 3 * heads * width,
+            head: width,
+            row: 3 * heads * width,
+        }
+    }
+}
+
+/// An operand: its values and where its rows are.
+#[derive(Debug, Clone, Copy)]
+pub struct Operand<'a> {
+    pub data: &'a [f32],
+    pub layout: Layout,
+}
+
+impl<'a> Operand<'a> {
+    /// Rows `i0..` of batch item `b`, head `h` (rows `layout.row` apart).
+    fn rows(&self, b: usize, h: usize, i0: usize) -> &'a [f32] {
+        let l = self.layout;
+        &self.data[b * l.batch + h * l.head + i0 * l.row..]
+    }
+
+    fn check(&self, s: &AttnShape, len: usize, width: usize, name: &str) {
+        if s.batch == 0 || s.heads == 0 || len == 0 || width == 0 {
+            return;
+        }
+        let l = self.layout;
+        let last = (s.batch - 1) * l.batch + (s.heads - 1) * l.head + (len - 1) * l.row + width;
+        assert!(
+            last <= self.data.len() && l.row >= width,
+            "{name}: {} values cannot hold {} × {} heads × {len} rows of {width} with {l:?}",
+            self.data.len(),
+            s.batch,
+            s.heads,
+        );
+    }
+}
+
+/// `scores[r, j] = s · q_r · k_j`, masked (−∞) where key `j0 + j` is after query `i0 + r`;
+/// `q`'s and `k`'s rows are `rq` and `rk` apart.
 #[allow(clippy::too_many_arguments)]
 fn scores(
     dst: &mut [f32],
-    q: &[f32],
-    k: &[f32],
+    (q, rq): (&[f32], usize),
+    (k, rk): (&[f32], usize),
     (bq, bk, d): (usize, usize, usize),
     (i0, j0): (usize, usize),
     causal: bool,
     scale: f32,
 ) {
     let out = crate::math::as_out(&mut dst[..bq * bk]);
-    // q [bq, d] (rows d apart) · kᵀ [d, bk] (k's rows are its columns).
-    matmul(bq, bk, d, out, bk, false, q, (d, 1), k, (1, d));
+    // q [bq, d] · kᵀ [d, bk] (k's rows are its columns).
+    matmul(bq, bk, d, out, bk, false, q, (rq, 1), k, (1, rk));
     scale_mask_at(level(), &mut dst[..bq * bk], bk, (i0, j0), causal, scale);
 }
 
@@ -200,78 +259,89 @@ fn dscores_generic<M: MulAdd>(dp: &mut [f32], p: &[f32], bk: usize, delta: &[f32
 }
 multiversion!(dscores_generic, dscores_at, (dp: &mut [f32], p: &[f32], bk: usize, delta: &[f32], scale: f32));
 
-/// Output `[G, Lq, dv]` and each query's log-sum-exp of scores `[G, Lq]`.
-pub fn forward(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    s.check(q, k, v);
-    let (lq, lk, d, dv) = (s.lq, s.lk, s.d, s.dv);
-    let mut out = vec![0f32; s.groups * lq * dv];
-    let mut lse = vec![0f32; s.groups * lq];
-    if lq == 0 || s.groups == 0 {
+/// Output `[B, Lq, H·dv]` and each query's log-sum-exp of scores `[B, Lq, H]`.
+pub fn forward(s: AttnShape, q: Operand, k: Operand, v: Operand) -> (Vec<f32>, Vec<f32>) {
+    s.check(&q, &k, &v);
+    let (lq, d, dv, heads) = (s.lq, s.d, s.dv, s.heads);
+    let row = s.out_row();
+    let mut out = vec![0f32; s.batch * lq * row];
+    let mut lse = vec![0f32; s.batch * lq * heads];
+    if lq == 0 || s.batch == 0 || heads == 0 {
         return (out, lse);
     }
-    let tiles = lq.div_ceil(BQ);
     let scale = s.scale();
-    // One task per (group, query tile): its rows of `out` and `lse`.
+    // One task per (batch item, query tile): its rows of `out` and `lse`, all heads.
     let mut jobs: Vec<(usize, usize, &mut [f32], &mut [f32])> = Vec::new();
-    for (g, (og, lg)) in out.chunks_mut(lq * dv).zip(lse.chunks_mut(lq)).enumerate() {
-        for (t, (o, l)) in og.chunks_mut(BQ * dv).zip(lg.chunks_mut(BQ)).enumerate() {
-            jobs.push((g, t * BQ, o, l));
+    for (b, (ob, lb)) in out
+        .chunks_mut(lq * row)
+        .zip(lse.chunks_mut(lq * heads))
+        .enumerate()
+    {
+        for (t, (o, l)) in ob
+            .chunks_mut(BQ * row)
+            .zip(lb.chunks_mut(BQ * heads))
+            .enumerate()
+        {
+            jobs.push((b, t * BQ, o, l));
         }
     }
-    debug_assert_eq!(jobs.len(), s.groups * tiles);
     jobs.into_par_iter().for_each_init(
-        || vec![0f32; BQ * BK],
-        |sc, (g, i0, o, l)| {
-            let bq = l.len();
-            let qg = &q[(g * lq + i0) * d..(g * lq + i0 + bq) * d];
-            let kg = &k[g * lk * d..(g + 1) * lk * d];
-            let vg = &v[g * lk * dv..(g + 1) * lk * dv];
-            let mut m = [f32::NEG_INFINITY; BQ];
-            let mut sum = [0f32; BQ];
+        || (vec![0f32; BQ * BK], vec![0f32; BQ * dv]),
+        |(sc, acc), (b, i0, o, l)| {
+            let bq = l.len() / heads;
             let end = s.key_end(i0, bq);
-            for j0 in (0..end).step_by(BK) {
-                let bk = BK.min(end - j0);
-                scores(
-                    sc,
-                    qg,
-                    &kg[j0 * d..],
-                    (bq, bk, d),
-                    (i0, j0),
-                    s.causal,
-                    scale,
-                );
-                online_softmax_at(
-                    level(),
-                    &mut sc[..bq * bk],
-                    bk,
-                    &mut m[..bq],
-                    &mut sum[..bq],
-                    o,
-                );
-                // o += p [bq, bk] · v [bk, dv]
-                let out = crate::math::as_out(o);
-                matmul(
-                    bq,
-                    dv,
-                    bk,
-                    out,
-                    dv,
-                    true,
-                    sc,
-                    (bk, 1),
-                    &vg[j0 * dv..],
-                    (dv, 1),
-                );
-            }
-            for r in 0..bq {
-                if sum[r] > 0.0 {
-                    let inv = 1.0 / sum[r];
-                    for x in &mut o[r * dv..(r + 1) * dv] {
-                        *x *= inv;
+            for h in 0..heads {
+                let acc = &mut acc[..bq * dv];
+                acc.fill(0.0);
+                let qg = q.rows(b, h, i0);
+                let mut m = [f32::NEG_INFINITY; BQ];
+                let mut sum = [0f32; BQ];
+                for j0 in (0..end).step_by(BK) {
+                    let bk = BK.min(end - j0);
+                    scores(
+                        sc,
+                        (qg, q.layout.row),
+                        (k.rows(b, h, j0), k.layout.row),
+                        (bq, bk, d),
+                        (i0, j0),
+                        s.causal,
+                        scale,
+                    );
+                    online_softmax_at(
+                        level(),
+                        &mut sc[..bq * bk],
+                        bk,
+                        &mut m[..bq],
+                        &mut sum[..bq],
+                        acc,
+                    );
+                    // acc += p [bq, bk] · v [bk, dv]
+                    matmul(
+                        bq,
+                        dv,
+                        bk,
+                        crate::math::as_out(acc),
+                        dv,
+                        true,
+                        sc,
+                        (bk, 1),
+                        v.rows(b, h, j0),
+                        (v.layout.row, 1),
+                    );
+                }
+                for r in 0..bq {
+                    let dst = &mut o[r * row + h * dv..r * row + (h + 1) * dv];
+                    let src = &acc[r * dv..(r + 1) * dv];
+                    if sum[r] > 0.0 {
+                        let inv = 1.0 / sum[r];
+                        for (x, &a) in dst.iter_mut().zip(src) {
+                            *x = a * inv;
+                        }
+                        l[r * heads + h] = m[r] + sum[r].ln();
+                    } else {
+                        dst.fill(0.0);
+                        l[r * heads + h] = f32::NEG_INFINITY;
                     }
-                    l[r] = m[r] + sum[r].ln();
-                } else {
-                    l[r] = f32::NEG_INFINITY;
                 }
             }
         },
@@ -279,134 +349,193 @@ pub fn forward(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<
     (out, lse)
 }
 
-/// Gradients `(dq, dk, dv)` of [`forward`] from its output `o`, log-sum-exps `lse` and
-/// the output's gradient `grad`.
+/// Where the backward writes each batch item's gradients of q, k and v: `dst`'s
+/// chunks of `chunk` values, one per batch item, each holding the three at these
+/// layouts (their `batch` field unused) from these offsets.
+#[derive(Debug, Clone, Copy)]
+pub struct GradLayout {
+    pub chunk: usize,
+    /// (offset in the chunk, layout) of dq, dk and dv.
+    pub parts: [(usize, Layout); 3],
+}
+
+impl GradLayout {
+    /// dq `[Lq, d]`, then dk `[Lk, d]`, then dv `[Lk, dv]`, per batch item (`H = 1`).
+    pub fn separate(s: &AttnShape) -> GradLayout {
+        let (lq, lk, d, dv) = (s.lq, s.lk, s.d, s.dv);
+        GradLayout {
+            chunk: lq * d + lk * d + lk * dv,
+            parts: [
+                (0, Layout::separate(lq, d)),
+                (lq * d, Layout::separate(lk, d)),
+                (lq * d + lk * d, Layout::separate(lk, dv)),
+            ],
+        }
+    }
+
+    /// One packed `[B, L, 3·H·d]` gradient, as [`Layout::packed`] reads the input.
+    pub fn packed(s: &AttnShape) -> GradLayout {
+        let w = s.heads * s.d;
+        let l = Layout::packed(s.lq, s.heads, s.d);
+        GradLayout {
+            chunk: s.lq * 3 * w,
+            parts: [(0, l), (w, l), (2 * w, l)],
+        }
+    }
+}
+
+/// Gradients of [`forward`] for q, k and v from its output `o`, log-sum-exps `lse` and
+/// the output's gradient `grad` (both `[B, Lq, H·dv]`), written as `layout` says into a
+/// new buffer of `B` chunks (every value written).
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     s: AttnShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    q: Operand,
+    k: Operand,
+    v: Operand,
     o: &[f32],
     lse: &[f32],
     grad: &[f32],
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    s.check(q, k, v);
-    let (g_n, lq, lk, d, dv) = (s.groups, s.lq, s.lk, s.d, s.dv);
-    assert_eq!(o.len(), g_n * lq * dv);
-    assert_eq!(grad.len(), g_n * lq * dv);
-    assert_eq!(lse.len(), g_n * lq);
-    let mut dq = vec![0f32; g_n * lq * d];
-    let mut dk = vec![0f32; g_n * lk * d];
-    let mut dvv = vec![0f32; g_n * lk * dv];
-    if g_n == 0 || lq == 0 || lk == 0 {
-        return (dq, dk, dvv);
+    layout: GradLayout,
+) -> Vec<f32> {
+    s.check(&q, &k, &v);
+    let (lq, lk, d, dv, heads) = (s.lq, s.lk, s.d, s.dv, s.heads);
+    let row = s.out_row();
+    assert_eq!(o.len(), s.batch * lq * row);
+    assert_eq!(grad.len(), s.batch * lq * row);
+    assert_eq!(lse.len(), s.batch * lq * heads);
+    let mut dst = vec![0f32; s.batch * layout.chunk];
+    if s.batch == 0 || heads == 0 || lq == 0 || lk == 0 {
+        return dst;
     }
     let scale = s.scale();
-    dq.par_chunks_mut(lq * d)
-        .zip(dk.par_chunks_mut(lk * d))
-        .zip(dvv.par_chunks_mut(lk * dv))
+    dst.par_chunks_mut(layout.chunk)
         .enumerate()
-        .for_each(|(g, ((dqg, dkg), dvg))| {
-            let qg = &q[g * lq * d..(g + 1) * lq * d];
-            let kg = &k[g * lk * d..(g + 1) * lk * d];
-            let vg = &v[g * lk * dv..(g + 1) * lk * dv];
-            let og = &o[g * lq * dv..(g + 1) * lq * dv];
-            let gg = &grad[g * lq * dv..(g + 1) * lq * dv];
-            let lg = &lse[g * lq..(g + 1) * lq];
-            // rowsum(dO ⊙ O) per query.
-            let delta: Vec<f32> = (0..lq)
-                .map(|i| {
-                    gg[i * dv..(i + 1) * dv]
-                        .iter()
-                        .zip(&og[i * dv..(i + 1) * dv])
-                        .map(|(a, b)| a * b)
-                        .sum()
-                })
-                .collect();
+        .for_each(|(b, chunk)| {
             let mut p = vec![0f32; BQ * BK];
             let mut dp = vec![0f32; BQ * BK];
-            for j0 in (0..lk).step_by(BK) {
-                let bk = BK.min(lk - j0);
-                // Queries before j0 see none of these keys when causal.
-                let first_tile = if s.causal { j0 / BQ * BQ } else { 0 };
-                for i0 in (first_tile..lq).step_by(BQ) {
-                    let bq = BQ.min(lq - i0);
-                    scores(
-                        &mut p,
-                        &qg[i0 * d..],
-                        &kg[j0 * d..],
-                        (bq, bk, d),
-                        (i0, j0),
-                        s.causal,
-                        scale,
-                    );
-                    probs_at(level(), &mut p[..bq * bk], bk, &lg[i0..i0 + bq]);
-                    let p = &p[..bq * bk];
-                    let gi = &gg[i0 * dv..(i0 + bq) * dv];
-                    // dv_t [bk, dv] += pᵀ [bk, bq] · dO [bq, dv]
-                    matmul(
-                        bk,
-                        dv,
-                        bq,
-                        crate::math::as_out(&mut dvg[j0 * dv..(j0 + bk) * dv]),
-                        dv,
-                        true,
-                        p,
-                        (1, bk),
-                        gi,
-                        (dv, 1),
-                    );
-                    // dp [bq, bk] = dO [bq, dv] · vᵀ [dv, bk]
-                    matmul(
-                        bq,
-                        bk,
-                        dv,
-                        crate::math::as_out(&mut dp[..bq * bk]),
-                        bk,
-                        false,
-                        gi,
-                        (dv, 1),
-                        &vg[j0 * dv..],
-                        (1, dv),
-                    );
-                    // ds = p ⊙ (dp − delta) · scale, in dp.
-                    dscores_at(
-                        level(),
-                        &mut dp[..bq * bk],
-                        p,
-                        bk,
-                        &delta[i0..i0 + bq],
-                        scale,
-                    );
-                    let ds = &dp[..bq * bk];
-                    // dq [bq, d] += ds [bq, bk] · k [bk, d]
-                    matmul(
-                        bq,
-                        d,
-                        bk,
-                        crate::math::as_out(&mut dqg[i0 * d..(i0 + bq) * d]),
-                        d,
-                        true,
-                        ds,
-                        (bk, 1),
-                        &kg[j0 * d..],
-                        (d, 1),
-                    );
-                    // dk [bk, d] += dsᵀ [bk, bq] · q [bq, d]
-                    matmul(
-                        bk,
-                        d,
-                        bq,
-                        crate::math::as_out(&mut dkg[j0 * d..(j0 + bk) * d]),
-                        d,
-                        true,
-                        ds,
-                        (1, bk),
-                        &qg[i0 * d..],
-                        (d, 1),
-                    );
+            let mut dq = vec![0f32; lq * d];
+            let mut dk = vec![0f32; lk * d];
+            let mut dvv = vec![0f32; lk * dv];
+            let ob = &o[b * lq * row..(b + 1) * lq * row];
+            let gb = &grad[b * lq * row..(b + 1) * lq * row];
+            for h in 0..heads {
+                dq.fill(0.0);
+                dk.fill(0.0);
+                dvv.fill(0.0);
+                let qg = q.rows(b, h, 0);
+                let kg = k.rows(b, h, 0);
+                let vg = v.rows(b, h, 0);
+                let (rq, rk, rv) = (q.layout.row, k.layout.row, v.layout.row);
+                let gg = &gb[h * dv..];
+                let lg = |i: usize| lse[(b * lq + i) * heads + h];
+                // rowsum(dO ⊙ O) per query.
+                let delta: Vec<f32> = (0..lq)
+                    .map(|i| {
+                        let at = i * row + h * dv;
+                        gb[at..at + dv]
+                            .iter()
+                            .zip(&ob[at..at + dv])
+                            .map(|(a, b)| a * b)
+                            .sum()
+                    })
+                    .collect();
+                let lse_h: Vec<f32> = (0..lq).map(lg).collect();
+                for j0 in (0..lk).step_by(BK) {
+                    let bk = BK.min(lk - j0);
+                    // Queries before j0 see none of these keys when causal.
+                    let first_tile = if s.causal { j0 / BQ * BQ } else { 0 };
+                    for i0 in (first_tile..lq).step_by(BQ) {
+                        let bq = BQ.min(lq - i0);
+                        scores(
+                            &mut p,
+                            (&qg[i0 * rq..], rq),
+                            (&kg[j0 * rk..], rk),
+                            (bq, bk, d),
+                            (i0, j0),
+                            s.causal,
+                            scale,
+                        );
+                        probs_at(level(), &mut p[..bq * bk], bk, &lse_h[i0..i0 + bq]);
+                        let p = &p[..bq * bk];
+                        let gi = &gg[i0 * row..];
+                        // dv_t [bk, dv] += pᵀ [bk, bq] · dO [bq, dv]
+                        matmul(
+                            bk,
+                            dv,
+                            bq,
+                            crate::math::as_out(&mut dvv[j0 * dv..(j0 + bk) * dv]),
+                            dv,
+                            true,
+                            p,
+                            (1, bk),
+                            gi,
+                            (row, 1),
+                        );
+                        // dp [bq, bk] = dO [bq, dv] · vᵀ [dv, bk]
+                        matmul(
+                            bq,
+                            bk,
+                            dv,
+                            crate::math::as_out(&mut dp[..bq * bk]),
+                            bk,
+                            false,
+                            gi,
+                            (row, 1),
+                            &vg[j0 * rv..],
+                            (1, rv),
+                        );
+                        // ds = p ⊙ (dp − delta) · scale, in dp.
+                        dscores_at(
+                            level(),
+                            &mut dp[..bq * bk],
+                            p,
+                            bk,
+                            &delta[i0..i0 + bq],
+                            scale,
+                        );
+                        let ds = &dp[..bq * bk];
+                        // dq [bq, d] += ds [bq, bk] · k [bk, d]
+                        matmul(
+                            bq,
+                            d,
+                            bk,
+                            crate::math::as_out(&mut dq[i0 * d..(i0 + bq) * d]),
+                            d,
+                            true,
+                            ds,
+                            (bk, 1),
+                            &kg[j0 * rk..],
+                            (rk, 1),
+                        );
+                        // dk [bk, d] += dsᵀ [bk, bq] · q [bq, d]
+                        matmul(
+                            bk,
+                            d,
+                            bq,
+                            crate::math::as_out(&mut dk[j0 * d..(j0 + bk) * d]),
+                            d,
+                            true,
+                            ds,
+                            (1, bk),
+                            &qg[i0 * rq..],
+                            (rq, 1),
+                        );
+                    }
+                }
+                // This head's gradients into their places in the batch item's chunk.
+                for ((off, l), (src, len, width)) in
+                    layout
+                        .parts
+                        .iter()
+                        .zip([(&dq, lq, d), (&dk, lk, d), (&dvv, lk, dv)])
+                {
+                    for i in 0..len {
+                        let at = off + h * l.head + i * l.row;
+                        chunk[at..at + width].copy_from_slice(&src[i * width..(i + 1) * width]);
+                    }
                 }
             }
         });
-    (dq, dk, dvv)
+    dst
 }

@@ -94,6 +94,23 @@ pub trait FusedBackend: Backend {
         grad: FloatTensor<Self>,
         causal: bool,
     ) -> [FloatTensor<Self>; 3];
+    /// Flash self-attention of a packed projection `qkv` `[B, L, 3·H·d]` (queries,
+    /// keys and values side by side, each `H` heads of width `d`), read in place: the
+    /// output `[B, L, H·d]` (heads side by side) and the log-sum-exps `[B, L, H]`.
+    fn fused_self_attention(
+        qkv: FloatTensor<Self>,
+        heads: usize,
+        causal: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// The gradient of [`FusedBackend::fused_self_attention`] for `qkv`.
+    fn fused_self_attention_backward(
+        qkv: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        heads: usize,
+        causal: bool,
+    ) -> FloatTensor<Self>;
     /// Rotary positions ([`rope`]) of `x` `[B, L, H, d]` from position `start`
     /// (`inverse`: the turn back, which is also the backward pass).
     fn fused_rotary(
@@ -147,13 +164,56 @@ fn attn_shape(q: &Shape, k: &Shape, v: &Shape, causal: bool) -> flash::AttnShape
         "attention: q {q:?}, k {k:?} and v {v:?} do not fit together"
     );
     flash::AttnShape {
-        groups: b * h,
+        batch: b * h,
+        heads: 1,
         lq,
         lk,
         d,
         dv,
         causal,
     }
+}
+
+/// The attention of a packed projection `[B, L, 3·H·d]` (q, k, v side by side).
+fn packed_shape(qkv: &Shape, heads: usize, causal: bool) -> flash::AttnShape {
+    let [b, l, w3] = qkv.dims::<3>();
+    assert!(
+        heads > 0 && w3.is_multiple_of(3 * heads),
+        "self-attention: the last dimension {w3} is not 3 × {heads} heads × a head width"
+    );
+    let d = w3 / (3 * heads);
+    flash::AttnShape {
+        batch: b,
+        heads,
+        lq: l,
+        lk: l,
+        d,
+        dv: d,
+        causal,
+    }
+}
+
+/// The flash kernel's view of a contiguous packed projection.
+fn packed_operands<'a>(s: &flash::AttnShape, qkv: &'a FlexTensor) -> [flash::Operand<'a>; 3] {
+    let data = qkv.as_slice::<f32>().expect("contiguous f32");
+    let layout = flash::Layout::packed(s.lq, s.heads, s.d);
+    let w = s.heads * s.d;
+    [0, 1, 2].map(|part| flash::Operand {
+        data: &data[part * w..],
+        layout,
+    })
+}
+
+/// The flash kernel's view of contiguous `[B·H, L, d]` q, k and v.
+fn separate_operands<'a>(
+    s: &flash::AttnShape,
+    [q, k, v]: [&'a FlexTensor; 3],
+) -> [flash::Operand<'a>; 3] {
+    let op = |t: &'a FlexTensor, len: usize, width: usize| flash::Operand {
+        data: t.as_slice::<f32>().expect("contiguous f32"),
+        layout: flash::Layout::separate(len, width),
+    };
+    [op(q, s.lq, s.d), op(k, s.lk, s.d), op(v, s.lk, s.dv)]
 }
 
 fn conv_shape(x: &Shape, w: &Shape, padding: [usize; 2]) -> conv::ConvShape {
@@ -378,12 +438,8 @@ impl FusedBackend for Flex {
     ) -> (FlexTensor, FlexTensor) {
         let ((cq, qs), (ck, ks), (cv, vs)) = (flex_f32(&q), flex_f32(&k), flex_f32(&v));
         let s = attn_shape(&qs, &ks, &vs, causal);
-        let (out, lse) = flash::forward(
-            s,
-            cq.as_slice::<f32>().expect("contiguous f32"),
-            ck.as_slice::<f32>().expect("contiguous f32"),
-            cv.as_slice::<f32>().expect("contiguous f32"),
-        );
+        let [q, k, v] = separate_operands(&s, [&cq, &ck, &cv]);
+        let (out, lse) = flash::forward(s, q, k, v);
         let [b, h, lq, _] = qs.dims::<4>();
         (
             flex_from(out, Shape::new([b, h, lq, s.dv])),
@@ -401,16 +457,69 @@ impl FusedBackend for Flex {
         let ((cq, qs), (ck, ks), (cv, vs)) = (flex_f32(&q), flex_f32(&k), flex_f32(&v));
         let ((co, _), (cl, _), (cg, _)) = (flex_f32(&out), flex_f32(&lse), flex_f32(&grad));
         let s = attn_shape(&qs, &ks, &vs, causal);
-        let (dq, dk, dv) = flash::backward(
+        let [q, k, v] = separate_operands(&s, [&cq, &ck, &cv]);
+        let layout = flash::GradLayout::separate(&s);
+        let all = flash::backward(
             s,
-            cq.as_slice::<f32>().expect("contiguous f32"),
-            ck.as_slice::<f32>().expect("contiguous f32"),
-            cv.as_slice::<f32>().expect("contiguous f32"),
+            q,
+            k,
+            v,
             co.as_slice::<f32>().expect("contiguous f32"),
             cl.as_slice::<f32>().expect("contiguous f32"),
             cg.as_slice::<f32>().expect("contiguous f32"),
+            layout,
         );
+        // Each group's chunk holds its dq, dk and dv one after the other.
+        let mut parts: [Vec<f32>; 3] = Default::default();
+        for chunk in all.chunks_exact(layout.chunk) {
+            let mut at = 0;
+            for (part, n) in parts.iter_mut().zip([s.lq * s.d, s.lk * s.d, s.lk * s.dv]) {
+                part.extend_from_slice(&chunk[at..at + n]);
+                at += n;
+            }
+        }
+        let [dq, dk, dv] = parts;
         [flex_from(dq, qs), flex_from(dk, ks), flex_from(dv, vs)]
+    }
+
+    fn fused_self_attention(
+        qkv: FlexTensor,
+        heads: usize,
+        causal: bool,
+    ) -> (FlexTensor, FlexTensor) {
+        let (c, shape) = flex_f32(&qkv);
+        let s = packed_shape(&shape, heads, causal);
+        let [q, k, v] = packed_operands(&s, &c);
+        let (out, lse) = flash::forward(s, q, k, v);
+        (
+            flex_from(out, Shape::new([s.batch, s.lq, heads * s.dv])),
+            flex_from(lse, Shape::new([s.batch, s.lq, heads])),
+        )
+    }
+
+    fn fused_self_attention_backward(
+        qkv: FlexTensor,
+        out: FlexTensor,
+        lse: FlexTensor,
+        grad: FlexTensor,
+        heads: usize,
+        causal: bool,
+    ) -> FlexTensor {
+        let (c, shape) = flex_f32(&qkv);
+        let ((co, _), (cl, _), (cg, _)) = (flex_f32(&out), flex_f32(&lse), flex_f32(&grad));
+        let s = packed_shape(&shape, heads, causal);
+        let [q, k, v] = packed_operands(&s, &c);
+        let dqkv = flash::backward(
+            s,
+            q,
+            k,
+            v,
+            co.as_slice::<f32>().expect("contiguous f32"),
+            cl.as_slice::<f32>().expect("contiguous f32"),
+            cg.as_slice::<f32>().expect("contiguous f32"),
+            flash::GradLayout::packed(&s),
+        );
+        flex_from(dqkv, shape)
     }
 
     fn fused_rotary(x: FlexTensor, start: usize, theta: f32, inverse: bool) -> FlexTensor {
@@ -589,6 +698,30 @@ impl<B: FusedBackend> Backward<B, 3> for AttentionGrad {
                 grads.register::<B>(node.id, g);
             }
         }
+    }
+}
+
+#[derive(Debug)]
+struct SelfAttentionGrad {
+    heads: usize,
+    causal: bool,
+}
+
+impl<B: FusedBackend> Backward<B, 1> for SelfAttentionGrad {
+    /// The packed projection, the output and its log-sum-exps.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let (qkv, out, lse) = ops.state;
+        let (heads, causal) = (self.heads, self.causal);
+        ad_unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::fused_self_attention_backward(qkv, out, lse, grad, heads, causal)
+        });
     }
 }
 
@@ -774,6 +907,40 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
         _grad: FloatTensor<Self>,
         _causal: bool,
     ) -> [FloatTensor<Self>; 3] {
+        unimplemented!("second derivatives of the fused operations are not supported")
+    }
+
+    fn fused_self_attention(
+        qkv: FloatTensor<Self>,
+        heads: usize,
+        causal: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let lse_of = <Autodiff<B, C> as burn::tensor::backend::AutodiffBackend>::from_inner;
+        match (SelfAttentionGrad { heads, causal })
+            .prepare::<C>([qkv.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, lse) = B::fused_self_attention(qkv.primitive.clone(), heads, causal);
+                let state = (qkv.primitive, out.clone(), lse.clone());
+                (prep.finish(state, out), lse_of(lse))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, lse) = B::fused_self_attention(qkv.primitive, heads, causal);
+                (prep.finish(out), lse_of(lse))
+            }
+        }
+    }
+
+    fn fused_self_attention_backward(
+        _qkv: FloatTensor<Self>,
+        _out: FloatTensor<Self>,
+        _lse: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+        _heads: usize,
+        _causal: bool,
+    ) -> FloatTensor<Self> {
         unimplemented!("second derivatives of the fused operations are not supported")
     }
 
@@ -1087,6 +1254,58 @@ pub fn flash_attention<B: Backend>(
         Ok(y) => y,
         Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
     }
+}
+
+/// Multi-head self-attention of a packed projection `qkv` `[B, L, 3·D]` (queries, keys
+/// and values side by side, each `heads` heads of `D / heads` columns, as one `Linear`
+/// to `3·D` makes them) with scale `1/sqrt(D / heads)`, optionally causal: `[B, L, D]`
+/// with the heads side by side, ready for the output projection. On Flex (with or
+/// without autodiff) the flash kernel reads the heads in place and its backward writes
+/// the packed gradient directly, so no head is split, transposed or merged by a copy;
+/// elsewhere, the same through burn's operations and `attention`.
+pub fn self_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize, causal: bool) -> Tensor<B, 3> {
+    let w3 = qkv.dims()[2];
+    assert!(
+        heads > 0 && w3.is_multiple_of(3 * heads),
+        "self_attention: the last dimension {w3} is not 3 × {heads} heads × a head width"
+    );
+    if path::<B>() == Path::Fused && is_float(&qkv) {
+        fn run<F: FusedBackend>(qkv: Tensor<F, 3>, heads: usize, causal: bool) -> Tensor<F, 3> {
+            tensor(F::fused_self_attention(float(qkv), heads, causal).0)
+        }
+        let qkv =
+            match on_parts::<_, Tensor<Flex, 3>, Tensor<B, 3>, _>(qkv, |x| run(x, heads, causal)) {
+                Ok(y) => return y,
+                Err(x) => x,
+            };
+        return match on_parts::<_, Tensor<Autodiff<Flex>, 3>, Tensor<B, 3>, _>(qkv, |x| {
+            run(x, heads, causal)
+        }) {
+            Ok(y) => y,
+            Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
+        };
+    }
+    self_attention_split(qkv, heads, causal)
+}
+
+/// [`self_attention`] through [`attention`] on split heads: burn's operations on other
+/// backends, and the path models took before the packed kernel (tests, benchmarks).
+pub fn self_attention_split<B: Backend>(
+    qkv: Tensor<B, 3>,
+    heads: usize,
+    causal: bool,
+) -> Tensor<B, 3> {
+    let [b, l, w3] = qkv.dims();
+    let d = w3 / 3;
+    let split = |i: usize| {
+        qkv.clone()
+            .narrow(2, i * d, d)
+            .reshape([b, l, heads, d / heads])
+            .swap_dims(1, 2)
+    };
+    attention(split(0), split(1), split(2), None, causal)
+        .swap_dims(1, 2)
+        .reshape([b, l, d])
 }
 
 /// Attention from matmuls and the given softmax (the fused one, or burn's for tests).

@@ -572,6 +572,63 @@ fn flash_attention_gradients_equal_burns_composition() {
     }
 }
 
+/// Packed self-attention through burn's operations alone: split the heads, matmuls and
+/// burn's softmax, merge the heads.
+fn self_attention_by_burn<B: Backend>(
+    qkv: Tensor<B, 3>,
+    heads: usize,
+    causal: bool,
+) -> Tensor<B, 3> {
+    let [b, l, w3] = qkv.dims();
+    let d = w3 / 3;
+    let split = |i: usize| {
+        qkv.clone()
+            .narrow(2, i * d, d)
+            .reshape([b, l, heads, d / heads])
+            .swap_dims(1, 2)
+    };
+    dws_kernels::attention_composed(split(0), split(1), split(2), None, causal, |s| {
+        softmax_reference(s, false)
+    })
+    .swap_dims(1, 2)
+    .reshape([b, l, d])
+}
+
+#[test]
+fn packed_self_attention_and_its_gradient_equal_burns_composition() {
+    // Lengths around the 64-row tiles; one head and several.
+    for (b, l, heads, hd, causal) in [
+        (2, 70, 3, 16, true),
+        (2, 130, 2, 8, false),
+        (1, 1, 1, 4, true),
+        (3, 64, 4, 8, false),
+        (1, 129, 2, 32, true),
+    ] {
+        let qkv = random::<Flex, 3>([b, l, 3 * heads * hd], 1.5, 80);
+        let want = self_attention_by_burn(qkv.clone(), heads, causal);
+        let got = dws_kernels::self_attention(qkv.clone(), heads, causal);
+        let split = dws_kernels::self_attention_split(qkv.clone(), heads, causal);
+        let what = format!("b {b}, l {l}, {heads} heads of {hd}, causal {causal}");
+        let gap = max_gap(got, want.clone());
+        assert!(gap < 2e-5, "{what}: packed output differs by {gap}");
+        let gap = max_gap(split, want);
+        assert!(gap < 2e-5, "{what}: split output differs by {gap}");
+        let grad = |packed: bool| {
+            let x = Tensor::<A, 3>::from_inner(qkv.clone()).require_grad();
+            let w = random::<A, 3>([b, l, heads * hd], 1.0, 81);
+            let y = if packed {
+                dws_kernels::self_attention(x.clone(), heads, causal)
+            } else {
+                self_attention_by_burn(x.clone(), heads, causal)
+            };
+            let g = (y * w).sum().backward();
+            x.grad(&g).unwrap()
+        };
+        let gap = max_gap(grad(true), grad(false));
+        assert!(gap < 1e-4, "{what}: packed gradient differs by {gap}");
+    }
+}
+
 #[test]
 fn rotary_positions_match_burns_rotary_encoding_and_their_gradients_burns_ops() {
     use burn::nn::RotaryEncodingConfig;

@@ -183,17 +183,10 @@ struct SelfAttention<B: Backend> {
 impl<B: Backend> SelfAttention<B> {
     /// `x`: `[S, L, D]` sequences of length L.
     fn forward(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
-        let [s, l, d] = x.dims();
-        let hd = d / heads;
+        // The heads are read from the packed projection in place (on the CPU backend).
         let qkv = self.qkv.forward(x); // [S, L, 3D]
-        let split = |i: usize| {
-            qkv.clone()
-                .narrow(2, i * d, d)
-                .reshape([s, l, heads, hd])
-                .swap_dims(1, 2) // [S, H, L, hd]
-        };
-        let out = dws_kernels::attention(split(0), split(1), split(2), None, false);
-        self.proj.forward(out.swap_dims(1, 2).reshape([s, l, d]))
+        self.proj
+            .forward(dws_kernels::self_attention(qkv, heads, false))
     }
 }
 

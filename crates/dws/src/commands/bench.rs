@@ -80,6 +80,30 @@ pub enum Command {
         #[arg(long, default_value = "cpu")]
         device: crate::device::DeviceArg,
     },
+    /// Milliseconds per transformer training step (forward, backward, AdamW) on random
+    /// inputs, with burn's operations and with the fused kernels; with `--torch FILE`
+    /// (the output of `scripts/bench_step_torch.py`) also the ratio against PyTorch.
+    /// `toy`: 4 pre-norm blocks over 8 × 256 tokens of width 192 (6 heads, GELU MLP);
+    /// `dit`: the preset's flow transformer with DWS modules, at its fine-tuning batch.
+    Step {
+        /// toy or dit.
+        #[arg(long, default_value = "toy")]
+        model: String,
+        /// The preset of the `dit` step.
+        #[arg(long, default_value = "small")]
+        preset: String,
+        /// Timed steps (after two warm-up steps); prints the median.
+        #[arg(long, default_value_t = 7)]
+        steps: usize,
+        /// JSON lines from the PyTorch peer script, run on this machine.
+        #[arg(long)]
+        torch: Option<std::path::PathBuf>,
+        /// Time only the fused kernels, not burn's operations (for a profiler).
+        #[arg(long)]
+        fused_only: bool,
+        #[arg(long, default_value = "cpu")]
+        device: crate::device::DeviceArg,
+    },
     /// Imagined env steps per second of the imagined VecEnv of `dws mbrl` (world model
     /// and reward model, horizon 16, random start states) with random actions, and with
     /// the small PPO agent choosing them. CoinRun's shape: 64×64 frames, 15 actions.
@@ -767,6 +791,23 @@ pub fn run(cmd: Command) -> Result<()> {
                 seconds,
                 torch,
                 quick,
+            },
+        )?,
+        Command::Step {
+            model,
+            preset,
+            steps,
+            torch,
+            fused_only,
+            device,
+        } => crate::device::dispatch(
+            device,
+            super::bench_step::StepBench {
+                model,
+                preset,
+                steps,
+                torch,
+                fused_only,
             },
         )?,
         Command::Metrics {

@@ -268,7 +268,7 @@ fn rayon_threads() -> usize {
 
 /// Ratios `torch_ms / ours_ms` (≥ 1: at or above PyTorch) for every measurement the
 /// peer's output also has.
-fn against_torch(path: &std::path::Path, ours: &[(String, f64)]) -> Result<()> {
+pub(super) fn against_torch(path: &std::path::Path, ours: &[(String, f64)]) -> Result<()> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the PyTorch peer's output {}", path.display()))?;
     let mut torch = HashMap::new();
@@ -301,8 +301,11 @@ fn against_torch(path: &std::path::Path, ours: &[(String, f64)]) -> Result<()> {
     }
     anyhow::ensure!(
         matched > 0,
-        "{} has no measurement named like ours (ops/<op>/<shape>/<pass>/torch_ms)",
-        path.display()
+        "{} has no measurement named like ours ({}/torch_ms)",
+        path.display(),
+        ours.first()
+            .and_then(|(k, _)| k.rsplit_once('/'))
+            .map_or("<name>", |(base, _)| base)
     );
     Ok(())
 }

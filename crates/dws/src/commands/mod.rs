@@ -2,6 +2,7 @@ pub mod ar;
 pub mod assets;
 pub mod bench;
 pub mod bench_ops;
+pub mod bench_step;
 pub mod collect;
 pub mod dataset;
 pub mod envs;
