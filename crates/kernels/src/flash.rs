@@ -16,8 +16,8 @@
 //! tiles, the backward over batch items. Causal: query `i` sees keys `0..=i` (only for
 //! `Lq == Lk`, where every convention agrees).
 
-use crate::conv::matmul;
 use crate::math::{exp, level, multiversion, Level, MulAdd};
+use crate::tile::{matmul, transpose};
 use rayon::prelude::*;
 
 /// Queries per tile.
@@ -131,20 +131,29 @@ impl<'a> Operand<'a> {
 }
 
 /// `scores[r, j] = s · q_r · k_j`, masked (−∞) where key `j0 + j` is after query `i0 + r`;
-/// `q`'s and `k`'s rows are `rq` and `rk` apart.
+/// `q`'s rows are `rq` apart, `kt` is the key tile transposed (`[d, bk]`).
 #[allow(clippy::too_many_arguments)]
 fn scores(
     dst: &mut [f32],
     (q, rq): (&[f32], usize),
-    (k, rk): (&[f32], usize),
+    kt: &[f32],
     (bq, bk, d): (usize, usize, usize),
     (i0, j0): (usize, usize),
     causal: bool,
     scale: f32,
 ) {
-    let out = crate::math::as_out(&mut dst[..bq * bk]);
-    // q [bq, d] · kᵀ [d, bk] (k's rows are its columns).
-    matmul(bq, bk, d, out, bk, false, q, (rq, 1), k, (1, rk));
+    matmul(
+        bq,
+        bk,
+        d,
+        &mut dst[..bq * bk],
+        bk,
+        false,
+        q,
+        (rq, 1),
+        kt,
+        bk,
+    );
     scale_mask_at(level(), &mut dst[..bq * bk], bk, (i0, j0), causal, scale);
 }
 
@@ -286,8 +295,8 @@ pub fn forward(s: AttnShape, q: Operand, k: Operand, v: Operand) -> (Vec<f32>, V
         }
     }
     jobs.into_par_iter().for_each_init(
-        || (vec![0f32; BQ * BK], vec![0f32; BQ * dv]),
-        |(sc, acc), (b, i0, o, l)| {
+        || (vec![0f32; BQ * BK], vec![0f32; BQ * dv], vec![0f32; BK * d]),
+        |(sc, acc, kt), (b, i0, o, l)| {
             let bq = l.len() / heads;
             let end = s.key_end(i0, bq);
             for h in 0..heads {
@@ -298,10 +307,11 @@ pub fn forward(s: AttnShape, q: Operand, k: Operand, v: Operand) -> (Vec<f32>, V
                 let mut sum = [0f32; BQ];
                 for j0 in (0..end).step_by(BK) {
                     let bk = BK.min(end - j0);
+                    transpose(kt, k.rows(b, h, j0), bk, d, k.layout.row);
                     scores(
                         sc,
                         (qg, q.layout.row),
-                        (k.rows(b, h, j0), k.layout.row),
+                        kt,
                         (bq, bk, d),
                         (i0, j0),
                         s.causal,
@@ -320,13 +330,13 @@ pub fn forward(s: AttnShape, q: Operand, k: Operand, v: Operand) -> (Vec<f32>, V
                         bq,
                         dv,
                         bk,
-                        crate::math::as_out(acc),
+                        acc,
                         dv,
                         true,
                         sc,
                         (bk, 1),
                         v.rows(b, h, j0),
-                        (v.layout.row, 1),
+                        v.layout.row,
                     );
                 }
                 for r in 0..bq {
@@ -417,6 +427,8 @@ pub fn backward(
             let mut dq = vec![0f32; lq * d];
             let mut dk = vec![0f32; lk * d];
             let mut dvv = vec![0f32; lk * dv];
+            let mut kt = vec![0f32; BK * d];
+            let mut vt = vec![0f32; BK * dv];
             let ob = &o[b * lq * row..(b + 1) * lq * row];
             let gb = &grad[b * lq * row..(b + 1) * lq * row];
             for h in 0..heads {
@@ -445,12 +457,14 @@ pub fn backward(
                     let bk = BK.min(lk - j0);
                     // Queries before j0 see none of these keys when causal.
                     let first_tile = if s.causal { j0 / BQ * BQ } else { 0 };
+                    transpose(&mut kt, &kg[j0 * rk..], bk, d, rk);
+                    transpose(&mut vt, &vg[j0 * rv..], bk, dv, rv);
                     for i0 in (first_tile..lq).step_by(BQ) {
                         let bq = BQ.min(lq - i0);
                         scores(
                             &mut p,
                             (&qg[i0 * rq..], rq),
-                            (&kg[j0 * rk..], rk),
+                            &kt,
                             (bq, bk, d),
                             (i0, j0),
                             s.causal,
@@ -464,26 +478,26 @@ pub fn backward(
                             bk,
                             dv,
                             bq,
-                            crate::math::as_out(&mut dvv[j0 * dv..(j0 + bk) * dv]),
+                            &mut dvv[j0 * dv..(j0 + bk) * dv],
                             dv,
                             true,
                             p,
                             (1, bk),
                             gi,
-                            (row, 1),
+                            row,
                         );
                         // dp [bq, bk] = dO [bq, dv] · vᵀ [dv, bk]
                         matmul(
                             bq,
                             bk,
                             dv,
-                            crate::math::as_out(&mut dp[..bq * bk]),
+                            &mut dp[..bq * bk],
                             bk,
                             false,
                             gi,
                             (row, 1),
-                            &vg[j0 * rv..],
-                            (1, rv),
+                            &vt,
+                            bk,
                         );
                         // ds = p ⊙ (dp − delta) · scale, in dp.
                         dscores_at(
@@ -500,26 +514,26 @@ pub fn backward(
                             bq,
                             d,
                             bk,
-                            crate::math::as_out(&mut dq[i0 * d..(i0 + bq) * d]),
+                            &mut dq[i0 * d..(i0 + bq) * d],
                             d,
                             true,
                             ds,
                             (bk, 1),
                             &kg[j0 * rk..],
-                            (rk, 1),
+                            rk,
                         );
                         // dk [bk, d] += dsᵀ [bk, bq] · q [bq, d]
                         matmul(
                             bk,
                             d,
                             bq,
-                            crate::math::as_out(&mut dk[j0 * d..(j0 + bk) * d]),
+                            &mut dk[j0 * d..(j0 + bk) * d],
                             d,
                             true,
                             ds,
                             (1, bk),
                             &qg[i0 * rq..],
-                            (rq, 1),
+                            rq,
                         );
                     }
                 }

@@ -14,8 +14,10 @@
 pub mod conv;
 pub mod flash;
 pub mod math;
+pub mod norm;
 pub mod pool;
 pub mod rope;
+mod tile;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -111,6 +113,22 @@ pub trait FusedBackend: Backend {
         heads: usize,
         causal: bool,
     ) -> FloatTensor<Self>;
+    /// Layer normalisation ([`norm`]) along the last dimension with scale `gamma` and
+    /// shift `beta` (`[D]`): the output and each row's mean and reciprocal deviation
+    /// (`[rows, 2]`, for the backward).
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// The gradients of [`FusedBackend::fused_layer_norm`] for `x`, `gamma` and `beta`.
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3];
     /// Rotary positions ([`rope`]) of `x` `[B, L, H, d]` from position `start`
     /// (`inverse`: the turn back, which is also the backward pass).
     fn fused_rotary(
@@ -482,6 +500,45 @@ impl FusedBackend for Flex {
         [flex_from(dq, qs), flex_from(dk, ks), flex_from(dv, vs)]
     }
 
+    fn fused_layer_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor) {
+        let ((cx, xs), (cg, _), (cb, _)) = (flex_f32(&x), flex_f32(&gamma), flex_f32(&beta));
+        let g = cg.as_slice::<f32>().expect("contiguous f32");
+        let (y, stats) = norm::forward(
+            cx.as_slice::<f32>().expect("contiguous f32"),
+            g,
+            cb.as_slice::<f32>().expect("contiguous f32"),
+            epsilon as f32,
+        );
+        let rows = stats.len() / 2;
+        (flex_from(y, xs), flex_from(stats, Shape::new([rows, 2])))
+    }
+
+    fn fused_layer_norm_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        stats: FlexTensor,
+        grad: FlexTensor,
+    ) -> [FlexTensor; 3] {
+        let ((cx, xs), (cg, gs)) = (flex_f32(&x), flex_f32(&gamma));
+        let ((cs, _), (cgr, _)) = (flex_f32(&stats), flex_f32(&grad));
+        let (dx, dgamma, dbeta) = norm::backward(
+            cx.as_slice::<f32>().expect("contiguous f32"),
+            cgr.as_slice::<f32>().expect("contiguous f32"),
+            cs.as_slice::<f32>().expect("contiguous f32"),
+            cg.as_slice::<f32>().expect("contiguous f32"),
+        );
+        [
+            flex_from(dx, xs),
+            flex_from(dgamma, gs.clone()),
+            flex_from(dbeta, gs),
+        ]
+    }
+
     fn fused_self_attention(
         qkv: FlexTensor,
         heads: usize,
@@ -702,6 +759,30 @@ impl<B: FusedBackend> Backward<B, 3> for AttentionGrad {
 }
 
 #[derive(Debug)]
+struct LayerNormGrad;
+
+impl<B: FusedBackend> Backward<B, 3> for LayerNormGrad {
+    /// `x`, `gamma` and the rows' statistics.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, gamma, stats) = ops.state;
+        let parts = B::fused_layer_norm_backward(x, gamma, stats, grad);
+        for (parent, g) in ops.parents.into_iter().zip(parts) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 struct SelfAttentionGrad {
     heads: usize,
     causal: bool,
@@ -906,6 +987,45 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
         _lse: FloatTensor<Self>,
         _grad: FloatTensor<Self>,
         _causal: bool,
+    ) -> [FloatTensor<Self>; 3] {
+        unimplemented!("second derivatives of the fused operations are not supported")
+    }
+
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let stats_of = <Autodiff<B, C> as burn::tensor::backend::AutodiffBackend>::from_inner;
+        match LayerNormGrad
+            .prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, stats) = B::fused_layer_norm(
+                    x.primitive.clone(),
+                    gamma.primitive.clone(),
+                    beta.primitive,
+                    epsilon,
+                );
+                let state = (x.primitive, gamma.primitive, stats.clone());
+                (prep.finish(state, y), stats_of(stats))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (y, stats) =
+                    B::fused_layer_norm(x.primitive, gamma.primitive, beta.primitive, epsilon);
+                (prep.finish(y), stats_of(stats))
+            }
+        }
+    }
+
+    fn fused_layer_norm_backward(
+        _x: FloatTensor<Self>,
+        _gamma: FloatTensor<Self>,
+        _stats: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3] {
         unimplemented!("second derivatives of the fused operations are not supported")
     }
@@ -1333,6 +1453,67 @@ pub fn attention_composed<B: Backend>(
         scores = scores + b;
     }
     softmax(scores).matmul(v)
+}
+
+/// `norm` (burn's `LayerNorm`) along the last dimension of `x`. On Flex under autodiff
+/// burn composes it from about ten operations, each a pass over the tensor with its own
+/// backward; here it is one pass forward and one backward (the same values within
+/// rounding). Other backends, and a `LayerNorm` without a bias, take `norm.forward`.
+pub fn layer_norm<B: Backend, const D: usize>(
+    norm: &burn::nn::LayerNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let (Some(beta), Some(epsilon)) = (norm.beta.as_ref(), layer_norm_epsilon(norm)) else {
+        return norm.forward(x);
+    };
+    if path::<B>() != Path::Fused || !is_float(&x) {
+        return norm.forward(x);
+    }
+    fn run<F: FusedBackend, const D: usize>(
+        (x, gamma, beta): (Tensor<F, D>, Tensor<F, 1>, Tensor<F, 1>),
+        epsilon: f64,
+    ) -> Tensor<F, D> {
+        tensor(F::fused_layer_norm(float(x), float(gamma), float(beta), epsilon).0)
+    }
+    type Parts<F, const D: usize> = (Tensor<F, D>, Tensor<F, 1>, Tensor<F, 1>);
+    let parts = (x, norm.gamma.val(), beta.val());
+    let parts = match on_parts::<_, Parts<Flex, D>, Tensor<B, D>, _>(parts, |p| run(p, epsilon)) {
+        Ok(y) => return y,
+        Err(p) => p,
+    };
+    match on_parts::<_, Parts<Autodiff<Flex>, D>, Tensor<B, D>, _>(parts, |p| run(p, epsilon)) {
+        Ok(y) => y,
+        Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
+    }
+}
+
+/// A `LayerNorm`'s epsilon, which burn keeps private but prints (`epsilon: 0.00001`).
+pub fn layer_norm_epsilon<B: Backend>(norm: &burn::nn::LayerNorm<B>) -> Option<f64> {
+    let text = format!("{norm}");
+    let rest = &text[text.find("epsilon: ")? + "epsilon: ".len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// `layer` applied to the last dimension of `x` as one matrix product over all its rows:
+/// burn's `Linear` on a `[B, L, D]` input multiplies each batch item on its own and, in
+/// the backward, makes one weight gradient per item and then sums them; flattened to
+/// `[B·L, D]` it is one product each way, which the CPU backend splits over threads.
+/// Other backends (and the CPU one with the kernels off) take `layer.forward` as it is.
+pub fn linear<B: Backend, const D: usize>(
+    layer: &burn::nn::Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    if D <= 2 || path::<B>() != Path::Fused {
+        return layer.forward(x);
+    }
+    let mut dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let y = layer.forward(x.reshape([rows, dims[D - 1]]));
+    dims[D - 1] = y.dims()[1];
+    y.reshape(dims)
 }
 
 /// Adaptive modulation `x · (1 + scale) + shift` of tokens `[B, F, N, D]` by per-frame

@@ -484,60 +484,72 @@ fn flash_attention_is_the_formula_across_tile_edges() {
         (5, 150, false),
         (129, 3, false),
     ] {
-        let (b, h, d, dv) = (2, 2, 16, 8);
-        let q = random::<Flex, 4>([b, h, lq, d], 1.5, 50);
-        let k = random::<Flex, 4>([b, h, lk, d], 1.5, 51);
-        let v = random::<Flex, 4>([b, h, lk, dv], 1.0, 52);
-        let (qs, ks, vs) = (values(q.clone()), values(k.clone()), values(v.clone()));
-        // The f64 formula, per value column (naive_attention takes dv == d).
-        let mut want = vec![0f64; b * h * lq * dv];
-        for c in 0..dv {
-            let vc: Vec<f32> = (0..b * h * lk)
-                .flat_map(|r| {
-                    let mut row = vec![0f32; d];
-                    row[0] = vs[r * dv + c];
-                    row
-                })
-                .collect();
-            let o = naive_attention(&qs, &ks, &vc, None, [b, h, lq, lk, d], causal);
-            for r in 0..b * h * lq {
-                want[r * dv + c] = o[r * d];
+        // Widths the register-tiled products take (32, 64) and ones `gemm` takes.
+        for (d, dv) in [(16, 8), (32, 64), (64, 32)] {
+            let (b, h) = (2, 2);
+            let q = random::<Flex, 4>([b, h, lq, d], 1.5, 50);
+            let k = random::<Flex, 4>([b, h, lk, d], 1.5, 51);
+            let v = random::<Flex, 4>([b, h, lk, dv], 1.0, 52);
+            let (qs, ks, vs) = (values(q.clone()), values(k.clone()), values(v.clone()));
+            // The f64 formula, per value column (naive_attention takes dv == d).
+            let mut want = vec![0f64; b * h * lq * dv];
+            for c in 0..dv {
+                let vc: Vec<f32> = (0..b * h * lk)
+                    .flat_map(|r| {
+                        let mut row = vec![0f32; d];
+                        row[0] = vs[r * dv + c];
+                        row
+                    })
+                    .collect();
+                let o = naive_attention(&qs, &ks, &vc, None, [b, h, lq, lk, d], causal);
+                for r in 0..b * h * lq {
+                    want[r * dv + c] = o[r * d];
+                }
             }
-        }
-        for (name, got) in [
-            (
-                "inference",
-                values(dws_kernels::flash_attention(
-                    q.clone(),
-                    k.clone(),
-                    v.clone(),
-                    causal,
-                )),
-            ),
-            (
-                "training",
-                values(dws_kernels::flash_attention(
-                    Tensor::<A, 4>::from_inner(q.clone()),
-                    Tensor::<A, 4>::from_inner(k.clone()),
-                    Tensor::<A, 4>::from_inner(v.clone()),
-                    causal,
-                )),
-            ),
-        ] {
-            let gap = got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| (*g as f64 - w).abs())
-                .fold(0.0, f64::max);
-            assert!(gap < 2e-5, "{name}, {lq}x{lk}, causal {causal}: gap {gap}");
+            for (name, got) in [
+                (
+                    "inference",
+                    values(dws_kernels::flash_attention(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        causal,
+                    )),
+                ),
+                (
+                    "training",
+                    values(dws_kernels::flash_attention(
+                        Tensor::<A, 4>::from_inner(q.clone()),
+                        Tensor::<A, 4>::from_inner(k.clone()),
+                        Tensor::<A, 4>::from_inner(v.clone()),
+                        causal,
+                    )),
+                ),
+            ] {
+                let gap = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (*g as f64 - w).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    gap < 2e-5,
+                    "{name}, {lq}x{lk}, d {d}, dv {dv}, causal {causal}: gap {gap}"
+                );
+            }
         }
     }
 }
 
 #[test]
 fn flash_attention_gradients_equal_burns_composition() {
-    for (l, lk, causal) in [(100, 100, true), (70, 70, false), (40, 90, false)] {
-        let (b, h, d) = (2, 2, 16);
+    for (l, lk, causal, d) in [
+        (100, 100, true, 16),
+        (70, 70, false, 16),
+        (40, 90, false, 16),
+        (130, 130, true, 32),
+        (64, 150, false, 64),
+    ] {
+        let (b, h) = (2, 2);
         let mk = |seed, shape: [usize; 4], scale| random::<A, 4>(shape, scale, seed).require_grad();
         let grads_of = |flash: bool| {
             let (q, k, v) = (
@@ -572,6 +584,57 @@ fn flash_attention_gradients_equal_burns_composition() {
     }
 }
 
+#[test]
+fn layer_norm_and_its_gradients_equal_burns() {
+    use burn::module::Param;
+    use burn::nn::LayerNormConfig;
+    // Widths with and without a remainder after the 16 lanes; an epsilon that matters
+    // (inputs of small spread) and the default one.
+    for (rows, d, eps, spread) in [
+        (300, 192, 1e-5, 2.0),
+        (5, 7, 0.1, 0.2),
+        (130, 48, 1e-5, 1e3),
+    ] {
+        let mut norm = LayerNormConfig::new(d)
+            .with_epsilon(eps)
+            .init::<A>(&Default::default());
+        // The fused path needs the epsilon, which burn keeps private.
+        assert_eq!(dws_kernels::layer_norm_epsilon(&norm), Some(eps));
+        norm.gamma = Param::from_tensor(random::<A, 1>([d], 1.0, 90) + 1.0);
+        norm.beta = Some(Param::from_tensor(random::<A, 1>([d], 1.0, 91)));
+        let x = random::<Flex, 3>([2, rows, d], spread, 92);
+        let w = random::<A, 3>([2, rows, d], 1.0, 93);
+        let run = |fused: bool| {
+            let xa = Tensor::<A, 3>::from_inner(x.clone()).require_grad();
+            let y = if fused {
+                dws_kernels::layer_norm(&norm, xa.clone())
+            } else {
+                norm.forward(xa.clone())
+            };
+            let g = (y.clone() * w.clone()).sum().backward();
+            let gamma = norm.gamma.val().grad(&g).unwrap();
+            let beta = norm.beta.as_ref().unwrap().val().grad(&g).unwrap();
+            (y.inner(), xa.grad(&g).unwrap(), gamma, beta)
+        };
+        let (f, r) = (run(true), run(false));
+        let what = format!("{rows} rows of {d}, eps {eps}, spread {spread}");
+        let tol = 1e-4 * (d as f32).sqrt();
+        assert!(max_gap(f.0, r.0) < 1e-4, "{what}: outputs differ");
+        let gap = max_gap(f.1, r.1);
+        assert!(gap < tol / spread, "{what}: x gradients differ by {gap}");
+        let gap = max_gap(f.2, r.2);
+        assert!(
+            gap < tol * (rows as f32).sqrt(),
+            "{what}: gamma gradients differ by {gap}"
+        );
+        let gap = max_gap(f.3, r.3);
+        assert!(
+            gap < tol * (rows as f32).sqrt(),
+            "{what}: beta gradients differ by {gap}"
+        );
+    }
+}
+
 /// Packed self-attention through burn's operations alone: split the heads, matmuls and
 /// burn's softmax, merge the heads.
 fn self_attention_by_burn<B: Backend>(
@@ -603,6 +666,8 @@ fn packed_self_attention_and_its_gradient_equal_burns_composition() {
         (1, 1, 1, 4, true),
         (3, 64, 4, 8, false),
         (1, 129, 2, 32, true),
+        (2, 200, 2, 64, false),
+        (2, 96, 3, 32, false),
     ] {
         let qkv = random::<Flex, 3>([b, l, 3 * heads * hd], 1.5, 80);
         let want = self_attention_by_burn(qkv.clone(), heads, causal);

@@ -10,7 +10,7 @@
 use burn::module::Initializer;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use dws_kernels::gelu;
+use dws_kernels::{gelu, layer_norm, linear};
 
 #[derive(Config, Debug)]
 pub struct ActionModuleConfig {
@@ -49,10 +49,10 @@ impl<B: Backend> ActionModule<B> {
     /// `x`: tokens `[B, F, N, D]`; `c`: action embeddings `[B, F, Dc]`.
     pub fn forward(&self, x: Tensor<B, 4>, c: Tensor<B, 3>) -> Tensor<B, 4> {
         let d = x.dims()[3];
-        let m = self.modulation.forward(c); // [B, F, 2D]
+        let m = linear(&self.modulation, c); // [B, F, 2D]
         let alpha = m.clone().narrow(2, 0, d).unsqueeze_dim::<4>(2); // [B, F, 1, D]
         let beta = m.narrow(2, d, d).unsqueeze_dim::<4>(2); // [B, F, 1, D]
-        let h = dws_kernels::modulate(self.norm.forward(x.clone()), beta, alpha);
-        x + self.ffn_out.forward(gelu(self.ffn_in.forward(h)))
+        let h = dws_kernels::modulate(layer_norm(&self.norm, x.clone()), beta, alpha);
+        x + linear(&self.ffn_out, gelu(linear(&self.ffn_in, h)))
     }
 }

@@ -22,7 +22,7 @@ use crate::action_module::{ActionModule, ActionModuleConfig};
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use dws_kernels::{rotary, silu};
+use dws_kernels::{linear, rotary, silu};
 
 /// Base of the rotary position frequencies.
 const ROPE_THETA: f32 = 10_000.0;
@@ -178,9 +178,9 @@ impl<B: Backend> ArBlock<B> {
         let heads_of = |t: Tensor<B, 3>| t.reshape([b, l, heads, dh]);
         // Rotary positions on [B, L, H, dh], then heads first.
         let turn = |t: Tensor<B, 3>| rotary(heads_of(t), start, ROPE_THETA).swap_dims(1, 2);
-        let q = turn(self.wq.forward(h.clone()));
-        let mut k = turn(self.wk.forward(h.clone()));
-        let mut v = heads_of(self.wv.forward(h)).swap_dims(1, 2);
+        let q = turn(linear(&self.wq, h.clone()));
+        let mut k = turn(linear(&self.wk, h.clone()));
+        let mut v = heads_of(linear(&self.wv, h)).swap_dims(1, 2);
         let mut causal = true;
         if let Some((ck, cv)) = cache {
             if let (Some(pk), Some(pv)) = (ck.take(), cv.take()) {
@@ -194,11 +194,12 @@ impl<B: Backend> ArBlock<B> {
             *cv = Some(v.clone());
         }
         let att = dws_kernels::attention(q, k, v, None, causal && l > 1);
-        let x = x + self.wo.forward(att.swap_dims(1, 2).reshape([b, l, d]));
+        let x = x + linear(&self.wo, att.swap_dims(1, 2).reshape([b, l, d]));
         let h = self.norm2.forward(x.clone());
-        let mlp = self
-            .w2
-            .forward(silu(self.w1.forward(h.clone())) * self.w3.forward(h));
+        let mlp = linear(
+            &self.w2,
+            silu(linear(&self.w1, h.clone())) * linear(&self.w3, h),
+        );
         x + mlp
     }
 }

@@ -14,7 +14,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::ops::{GridSampleOptions, GridSamplePaddingMode, InterpolateMode};
 // Fused CPU kernels on Flex, burn's operations on other backends.
-use dws_kernels::{gelu, sigmoid, silu};
+use dws_kernels::{gelu, layer_norm, linear, sigmoid, silu};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,9 +184,8 @@ impl<B: Backend> SelfAttention<B> {
     /// `x`: `[S, L, D]` sequences of length L.
     fn forward(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
         // The heads are read from the packed projection in place (on the CPU backend).
-        let qkv = self.qkv.forward(x); // [S, L, 3D]
-        self.proj
-            .forward(dws_kernels::self_attention(qkv, heads, false))
+        let qkv = linear(&self.qkv, x); // [S, L, 3D]
+        linear(&self.proj, dws_kernels::self_attention(qkv, heads, false))
     }
 }
 
@@ -222,10 +221,10 @@ impl<B: Backend> Block<B> {
     /// `x`: `[B, F, N, D]`, `temb`: `[B, F, D]`.
     fn forward(&self, x: Tensor<B, 4>, temb: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
         let [b, f, n, d] = x.dims();
-        let m = self.ada.forward(silu(temb)); // [B, F, k*D]
+        let m = linear(&self.ada, silu(temb)); // [B, F, k*D]
         let part = |i: usize| m.clone().narrow(2, i * d, d).unsqueeze_dim::<4>(2); // [B, F, 1, D]
                                                                                    // Spatial (or full) attention.
-        let h = modulate(self.norm1.forward(x.clone()), part(0), part(1));
+        let h = modulate(layer_norm(&self.norm1, x.clone()), part(0), part(1));
         let h = match (&self.attn_t, &self.norm_t) {
             (Some(_), _) => self
                 .attn
@@ -239,7 +238,7 @@ impl<B: Backend> Block<B> {
         let mut x = x + gated(h, part(2));
         let mut next = 3;
         if let (Some(attn_t), Some(norm_t)) = (&self.attn_t, &self.norm_t) {
-            let h = modulate(norm_t.forward(x.clone()), part(3), part(4));
+            let h = modulate(layer_norm(norm_t, x.clone()), part(3), part(4));
             let h = h.swap_dims(1, 2).reshape([b * n, f, d]); // [B*N, F, D]
             let h = attn_t
                 .forward(h, heads)
@@ -248,8 +247,12 @@ impl<B: Backend> Block<B> {
             x = x + gated(h, part(5));
             next = 6;
         }
-        let h = modulate(self.norm2.forward(x.clone()), part(next), part(next + 1));
-        let h = self.fc2.forward(gelu(self.fc1.forward(h)));
+        let h = modulate(
+            layer_norm(&self.norm2, x.clone()),
+            part(next),
+            part(next + 1),
+        );
+        let h = linear(&self.fc2, gelu(linear(&self.fc1, h)));
         x + gated(h, part(next + 2))
     }
 }
@@ -395,39 +398,42 @@ impl<B: Backend> FlowDit<B> {
     ) -> (Tensor<B, 5>, Option<Tensor<B, 5>>) {
         let [_, f, c, h, w] = x.dims();
         let patches = self.patchify(x); // [B, F, N, p*p*C]
-        let mut tokens = self.patch_embed.forward(patches.clone()); // [B, F, N, D]
+        let mut tokens = linear(&self.patch_embed, patches.clone()); // [B, F, N, D]
         if let Some(embed) = &self.anchor_embed {
             let anchor = anchor.expect("a model with anchor_input needs the anchor frames");
-            tokens = tokens + embed.forward(self.patchify(anchor));
+            tokens = tokens + linear(embed, self.patchify(anchor));
         }
         let [_, _, n, d] = tokens.dims();
         let pos = self.pos_space.val().reshape([1, 1, n, d])
             + self.pos_time.val().narrow(0, 0, f).reshape([1, f, 1, d]);
         let mut x = tokens + pos;
-        let temb = self.time_out.forward(silu(
-            self.time_in.forward(time_features(t, self.time_freqs)),
-        )); // [B, F, D]
+        let temb = linear(
+            &self.time_out,
+            silu(linear(&self.time_in, time_features(t, self.time_freqs))),
+        ); // [B, F, D]
         for (i, block) in self.blocks.iter().enumerate() {
             if let (Some(module), Some(c)) = (self.action_modules.get(i), cond.as_ref()) {
                 x = module.forward(x, c.clone());
             }
             x = block.forward(x, temb.clone(), self.heads);
         }
-        let m = self.final_mod.forward(silu(temb));
+        let m = linear(&self.final_mod, silu(temb));
         let shift = m.clone().narrow(2, 0, d).unsqueeze_dim::<4>(2);
         let scale = m.narrow(2, d, d).unsqueeze_dim::<4>(2);
-        let top = modulate(self.final_norm.forward(x), shift, scale);
+        let top = modulate(layer_norm(&self.final_norm, x), shift, scale);
         let mut out = match &self.gate {
-            Some(gate) => self.final_proj.forward(top.clone()) * sigmoid(gate.forward(top.clone())),
-            None => self.final_proj.forward(top.clone()),
+            Some(gate) => {
+                linear(&self.final_proj, top.clone()) * sigmoid(linear(gate, top.clone()))
+            }
+            None => linear(&self.final_proj, top.clone()),
         };
         if let Some(skip) = &self.skip {
-            out = out + skip.forward(patches);
+            out = out + linear(skip, patches);
         }
         let field = self.warp.as_ref().map(|head| {
             let [b, _, _, _] = top.dims();
             let (hp, wp) = (h / self.patch, w / self.patch);
-            let d = head.forward(top) * WARP_SCALE; // [B, F, N, 2]
+            let d = linear(head, top) * WARP_SCALE; // [B, F, N, 2]
             let d = d.reshape([b * f, hp, wp, 2]).permute([0, 3, 1, 2]); // [BF, 2, hp, wp]
             upsample_bilinear(d, h, w).reshape([b, f, 2, h, w])
         });

@@ -14,6 +14,7 @@
 use burn::module::Param;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
+use dws_kernels::{layer_norm, linear};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,8 +123,10 @@ impl<B: Backend> Attention<B> {
         let [b, l, d] = x.dims();
         let m = ctx.dims()[1];
         let hd = d / heads;
-        let q = self.q.forward(x).reshape([b, l, heads, hd]).swap_dims(1, 2);
-        let kv = self.kv.forward(ctx);
+        let q = linear(&self.q, x)
+            .reshape([b, l, heads, hd])
+            .swap_dims(1, 2);
+        let kv = linear(&self.kv, ctx);
         let k = kv
             .clone()
             .narrow(2, 0, d)
@@ -134,7 +137,7 @@ impl<B: Backend> Attention<B> {
             .reshape([b, m, heads, hd])
             .swap_dims(1, 2);
         let out = dws_kernels::attention(q, k, v, None, false);
-        self.proj.forward(out.swap_dims(1, 2).reshape([b, l, d]))
+        linear(&self.proj, out.swap_dims(1, 2).reshape([b, l, d]))
     }
 }
 
@@ -219,23 +222,23 @@ impl<B: Backend> RewardModel<B> {
         let b = patches.dims()[0];
         let d = self.pos.dims()[1];
         let mut x = self.embed.forward(patches) + self.pos.val().unsqueeze::<3>();
-        let ctx = self.action.forward(actions).reshape([b, 1, d]);
+        let ctx = linear(&self.action, actions).reshape([b, 1, d]);
         for blk in &self.blocks {
-            let m = blk.act_mod.forward(ctx.clone()).reshape([b, 1, 1, 2 * d]);
+            let m = linear(&blk.act_mod, ctx.clone()).reshape([b, 1, 1, 2 * d]);
             let shift = m.clone().narrow(3, 0, d);
             let scale = m.narrow(3, d, d);
             let l = x.dims()[1];
             x = dws_kernels::modulate(x.reshape([b, 1, l, d]), shift, scale).reshape([b, l, d]);
-            let h = blk.norm1.forward(x.clone());
+            let h = layer_norm(&blk.norm1, x.clone());
             x = x + blk.self_attn.forward(h.clone(), h, self.heads);
-            let h = blk.norm2.forward(x.clone());
+            let h = layer_norm(&blk.norm2, x.clone());
             x = x + blk.cross_attn.forward(h, ctx.clone(), self.heads);
-            let h = blk.norm3.forward(x.clone());
-            x = x + blk.fc2.forward(dws_kernels::gelu(blk.fc1.forward(h)));
+            let h = layer_norm(&blk.norm3, x.clone());
+            x = x + linear(&blk.fc2, dws_kernels::gelu(linear(&blk.fc1, h)));
         }
-        let pooled = self.norm.forward(x).mean_dim(1).reshape([b, d]);
-        let reward = self.reward.forward(pooled.clone()).reshape([b]);
-        let done = self.done.forward(pooled).reshape([b]);
+        let pooled = layer_norm(&self.norm, x).mean_dim(1).reshape([b, d]);
+        let reward = linear(&self.reward, pooled.clone()).reshape([b]);
+        let done = linear(&self.done, pooled).reshape([b]);
         (reward, done)
     }
 

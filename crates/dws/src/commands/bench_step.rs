@@ -21,6 +21,7 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
+use dws_kernels::linear as lin;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -71,11 +72,14 @@ impl<B: Backend> ToyBlock<B> {
 
     /// `x`: `[B, L, D]`.
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let qkv = self.qkv.forward(self.norm1.forward(x.clone()));
+        let qkv = lin(&self.qkv, dws_kernels::layer_norm(&self.norm1, x.clone()));
         let a = dws_kernels::self_attention(qkv, TOY_HEADS, false);
-        let x = x + self.proj.forward(a);
-        let h = dws_kernels::gelu(self.fc1.forward(self.norm2.forward(x.clone())));
-        x + self.fc2.forward(h)
+        let x = x + lin(&self.proj, a);
+        let h = dws_kernels::gelu(lin(
+            &self.fc1,
+            dws_kernels::layer_norm(&self.norm2, x.clone()),
+        ));
+        x + lin(&self.fc2, h)
     }
 }
 

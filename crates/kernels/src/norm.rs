@@ -1,0 +1,186 @@
+//! Layer normalisation along rows of `d` values: `y = (x − μ) · r · γ + β` with the row's
+//! mean `μ` and `r = 1/sqrt(var + ε)` (the biased variance, as burn and PyTorch take it).
+//! One pass forward keeps `(μ, r)` per row; one pass backward:
+//! `dx = r · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))` with `x̂ = (x − μ) · r`, `ĝ = g ⊙ γ`, and
+//! `dγ = Σ_rows g ⊙ x̂`, `dβ = Σ_rows g`.
+
+use crate::math::{level, multiversion, Level, MulAdd};
+use rayon::prelude::*;
+
+/// Rows per parallel task.
+const ROWS: usize = 64;
+
+/// Lanes of the row sums (separate accumulators, so they vectorise).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn sum(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn sum_sq_dev(xs: &[f32], mean: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            let v = c[i] - mean;
+            acc[i] += v * v;
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>()
+}
+
+// `multiversion!` hands every body the MulAdd type; these need none.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+fn forward_generic<M: MulAdd>(
+    y: &mut [f32],
+    stats: &mut [f32],
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    let d = gamma.len();
+    for ((yr, xr), st) in y
+        .chunks_exact_mut(d)
+        .zip(x.chunks_exact(d))
+        .zip(stats.chunks_exact_mut(2))
+    {
+        let mean = sum(xr) / d as f32;
+        let var = sum_sq_dev(xr, mean) / d as f32;
+        let r = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
+            *o = (v - mean) * r * g + b;
+        }
+        st[0] = mean;
+        st[1] = r;
+    }
+}
+multiversion!(forward_generic, forward_at, (y: &mut [f32], stats: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32));
+
+/// The rows' `dx`, and their `dγ` and `dβ` added into `dgb` (`[dγ | dβ]`).
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+fn backward_generic<M: MulAdd>(
+    dx: &mut [f32],
+    dgb: &mut [f32],
+    x: &[f32],
+    g: &[f32],
+    stats: &[f32],
+    gamma: &[f32],
+) {
+    let d = gamma.len();
+    let (dgamma, dbeta) = dgb.split_at_mut(d);
+    for (((dr, xr), gr), st) in dx
+        .chunks_exact_mut(d)
+        .zip(x.chunks_exact(d))
+        .zip(g.chunks_exact(d))
+        .zip(stats.chunks_exact(2))
+    {
+        let (mean, r) = (st[0], st[1]);
+        // Σ ĝ and Σ ĝ ⊙ x̂ over the row, with separate lanes.
+        let mut a1 = [0f32; LANES];
+        let mut a2 = [0f32; LANES];
+        let n = d / LANES * LANES;
+        for j in (0..n).step_by(LANES) {
+            for i in 0..LANES {
+                let k = j + i;
+                let xh = (xr[k] - mean) * r;
+                let gh = gr[k] * gamma[k];
+                a1[i] += gh;
+                a2[i] += gh * xh;
+            }
+        }
+        let (mut s1, mut s2) = (a1.iter().sum::<f32>(), a2.iter().sum::<f32>());
+        for k in n..d {
+            let xh = (xr[k] - mean) * r;
+            let gh = gr[k] * gamma[k];
+            s1 += gh;
+            s2 += gh * xh;
+        }
+        let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+        for k in 0..d {
+            let xh = (xr[k] - mean) * r;
+            dr[k] = r * (gr[k] * gamma[k] - m1 - xh * m2);
+            dgamma[k] += gr[k] * xh;
+            dbeta[k] += gr[k];
+        }
+    }
+}
+multiversion!(backward_generic, backward_at, (dx: &mut [f32], dgb: &mut [f32], x: &[f32], g: &[f32], stats: &[f32], gamma: &[f32]));
+
+/// `y` and per-row `(μ, r)` (`[rows, 2]`) of `x` (`rows × d` values, `d = gamma.len()`).
+pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let d = gamma.len();
+    assert_eq!(beta.len(), d, "layer norm: γ and β differ in width");
+    assert!(
+        d > 0 && x.len().is_multiple_of(d),
+        "layer norm: rows of {d}"
+    );
+    let rows = x.len() / d;
+    let mut y = vec![0f32; x.len()];
+    let mut stats = vec![0f32; rows * 2];
+    let level = level();
+    y.par_chunks_mut(ROWS * d)
+        .zip(stats.par_chunks_mut(ROWS * 2))
+        .zip(x.par_chunks(ROWS * d))
+        .for_each(|((y, st), x)| forward_at(level, y, st, x, gamma, beta, eps));
+    (y, stats)
+}
+
+/// `(dx, dγ, dβ)` from the forward's input `x`, its `stats` and the output gradient `g`.
+pub fn backward(
+    x: &[f32],
+    g: &[f32],
+    stats: &[f32],
+    gamma: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let d = gamma.len();
+    assert_eq!(x.len(), g.len(), "layer norm: gradient and input differ");
+    assert!(
+        d > 0 && x.len().is_multiple_of(d),
+        "layer norm: rows of {d}"
+    );
+    assert_eq!(
+        stats.len(),
+        x.len() / d * 2,
+        "layer norm: one (μ, r) per row"
+    );
+    let mut dx = vec![0f32; x.len()];
+    let level = level();
+    // Each task adds its rows' dγ and dβ into its own buffer; the buffers are summed.
+    let dgb = dx
+        .par_chunks_mut(ROWS * d)
+        .zip(x.par_chunks(ROWS * d))
+        .zip(g.par_chunks(ROWS * d))
+        .zip(stats.par_chunks(ROWS * 2))
+        .fold(
+            || vec![0f32; 2 * d],
+            |mut acc, (((dx, x), g), st)| {
+                backward_at(level, dx, &mut acc, x, g, st, gamma);
+                acc
+            },
+        )
+        .reduce(
+            || vec![0f32; 2 * d],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                a
+            },
+        );
+    let (dgamma, dbeta) = dgb.split_at(d);
+    (dx, dgamma.to_vec(), dbeta.to_vec())
+}
