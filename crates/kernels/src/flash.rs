@@ -16,7 +16,7 @@
 //! tiles, the backward over batch items. Causal: query `i` sees keys `0..=i` (only for
 //! `Lq == Lk`, where every convention agrees).
 
-use crate::math::{exp, level, multiversion, Level, MulAdd};
+use crate::math::{exp, fold_lanes, level, multiversion, Level, MulAdd};
 use crate::tile::{matmul, transpose};
 use rayon::prelude::*;
 
@@ -203,8 +203,8 @@ fn online_softmax_generic<M: MulAdd>(
                 acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
             }
         }
-        let mut tile_max = f32::NEG_INFINITY;
-        for &v in acc.iter().chain(chunks.remainder()) {
+        let mut tile_max = fold_lanes(acc, |a, b| if a > b { a } else { b });
+        for &v in chunks.remainder() {
             tile_max = if v > tile_max { v } else { tile_max };
         }
         let m_new = if tile_max > m[r] { tile_max } else { m[r] };
@@ -222,7 +222,7 @@ fn online_softmax_generic<M: MulAdd>(
                 acc[i] += e;
             }
         }
-        let mut row_sum: f32 = acc.iter().sum();
+        let mut row_sum = fold_lanes(acc, |a, b| a + b);
         for x in &mut row[n..] {
             *x = exp::<M>(*x - m_new);
             row_sum += *x;

@@ -453,6 +453,20 @@ fn fused_here() -> bool {
 /// compiler vectorise them.
 const LANES: usize = 16;
 
+/// The lanes folded by halves (8 + 8, 4 + 4, ...): vector operations, where a loop over
+/// the 16 lanes would be 16 scalar steps, as many as the 64-wide tile row itself takes.
+#[inline(always)]
+pub(crate) fn fold_lanes(mut acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] = f(acc[i], acc[i + w]);
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
 #[inline(always)]
 fn row_max(s: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
@@ -463,8 +477,8 @@ fn row_max(s: &[f32]) -> f32 {
             acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
         }
     }
-    let mut m = f32::NEG_INFINITY;
-    for &v in acc.iter().chain(rest) {
+    let mut m = fold_lanes(acc, |a, b| if a > b { a } else { b });
+    for &v in rest {
         m = if v > m { v } else { m };
     }
     m
@@ -491,7 +505,7 @@ fn exp_shifted<M: MulAdd>(d: &mut [Out], s: &[f32], m: f32) -> f32 {
         o.write(e);
         sum += e;
     }
-    acc.iter().sum::<f32>() + sum
+    fold_lanes(acc, |a, b| a + b) + sum
 }
 
 /// Sum of `a[i] · b[i]`.
@@ -505,7 +519,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     let rest: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + rest
+    fold_lanes(acc, |a, b| a + b) + rest
 }
 
 #[inline(always)]
@@ -517,7 +531,7 @@ fn sum(a: &[f32]) -> f32 {
             acc[i] += c[i];
         }
     }
-    acc.iter().sum::<f32>() + a[n..].iter().sum::<f32>()
+    fold_lanes(acc, |a, b| a + b) + a[n..].iter().sum::<f32>()
 }
 
 /// A NaN anywhere in a row makes its exponentials' sum NaN, and so the whole row.

@@ -4,7 +4,7 @@
 //! `dx = r · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))` with `x̂ = (x − μ) · r`, `ĝ = g ⊙ γ`, and
 //! `dγ = Σ_rows g ⊙ x̂`, `dβ = Σ_rows g`.
 
-use crate::math::{level, multiversion, Level, MulAdd};
+use crate::math::{fold_lanes, level, multiversion, Level, MulAdd};
 use rayon::prelude::*;
 
 /// Rows per parallel task.
@@ -23,7 +23,7 @@ fn sum(xs: &[f32]) -> f32 {
             acc[i] += c[i];
         }
     }
-    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+    fold_lanes(acc, |a, b| a + b) + rest.iter().sum::<f32>()
 }
 
 #[inline(always)]
@@ -37,7 +37,7 @@ fn sum_sq_dev(xs: &[f32], mean: f32) -> f32 {
             acc[i] += v * v;
         }
     }
-    acc.iter().sum::<f32>() + rest.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>()
+    fold_lanes(acc, |a, b| a + b) + rest.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>()
 }
 
 // `multiversion!` hands every body the MulAdd type; these need none.
@@ -102,7 +102,7 @@ fn backward_generic<M: MulAdd>(
                 a2[i] += gh * xh;
             }
         }
-        let (mut s1, mut s2) = (a1.iter().sum::<f32>(), a2.iter().sum::<f32>());
+        let (mut s1, mut s2) = (fold_lanes(a1, |a, b| a + b), fold_lanes(a2, |a, b| a + b));
         for k in n..d {
             let xh = (xr[k] - mean) * r;
             let gh = gr[k] * gamma[k];
