@@ -160,6 +160,28 @@ pub fn exp<M: MulAdd>(x: f32) -> f32 {
     select(x.is_nan(), x, y)
 }
 
+/// e^x for x ≤ 0 where only the absolute value matters (the Gaussian factors of erf
+/// and GELU): [`exp`] without its range and NaN selects. Below −86.6 it gives about
+/// 1e-38 instead of 0; a NaN argument gives a finite value, so callers must carry NaN
+/// through another factor (they do: every caller multiplies by a term of x).
+#[inline(always)]
+fn exp_gauss<M: MulAdd>(x: f32) -> f32 {
+    let xc = if x > EXP_LO { x } else { EXP_LO };
+    let k = xc * LOG2E + ROUNDER;
+    let n = k - ROUNDER;
+    let ni = (k.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let r = M::fma(-n, LN2_LO, M::fma(-n, LN2_HI, xc));
+    let p = 1.0 / 720.0;
+    let p = M::fma(p, r, 1.0 / 120.0);
+    let p = M::fma(p, r, 1.0 / 24.0);
+    let p = M::fma(p, r, 1.0 / 6.0);
+    let p = M::fma(p, r, 0.5);
+    let p = M::fma(p, r, 1.0);
+    let p = M::fma(p, r, 1.0);
+    // n ≤ 0 here, so 2^n is a normal f32 built in the exponent bits directly.
+    p * f32::from_bits(((ni + 127) << 23) as u32)
+}
+
 /// erf: the odd Taylor series to x^15 below 0.5; above, Abramowitz & Stegun 7.1.26
 /// (1 - t(a1 + t(a2 + ...)) e^{-x^2}, t = 1 / (1 + p x), absolute error 1.5e-7).
 #[inline(always)]
@@ -191,7 +213,7 @@ fn erf_abs<M: MulAdd>(x: f32) -> f32 {
     let q = M::fma(q, t, 1.421_413_8);
     let q = M::fma(q, t, -0.284_496_74);
     let q = M::fma(q, t, 0.254_829_6);
-    let big = 1.0 - q * t * exp::<M>(-x * x);
+    let big = 1.0 - q * t * exp_gauss::<M>(-x * x);
     select(x < 0.0, -big, big)
 }
 
@@ -243,7 +265,7 @@ pub fn gelu_tanh<M: MulAdd>(x: f32) -> f32 {
 fn grad<M: MulAdd>(op: Unary, x: f32, g: f32) -> f32 {
     match op {
         Unary::Exp => g * exp::<M>(x),
-        Unary::Erf => g * FRAC_2_SQRT_PI * exp::<M>(-x * x),
+        Unary::Erf => g * FRAC_2_SQRT_PI * exp_gauss::<M>(-x * x) * select(x.is_nan(), x, 1.0),
         Unary::Tanh => {
             let t = tanh::<M>(x);
             g * (1.0 - t * t)
@@ -258,7 +280,7 @@ fn grad<M: MulAdd>(op: Unary, x: f32, g: f32) -> f32 {
         }
         Unary::Gelu => {
             let cdf = 0.5 * (1.0 + erf_abs::<M>(x * FRAC_1_SQRT_2));
-            let pdf = INV_SQRT_2PI * exp::<M>(-0.5 * x * x);
+            let pdf = INV_SQRT_2PI * exp_gauss::<M>(-0.5 * x * x);
             g * (cdf + x * pdf)
         }
         Unary::GeluTanh => {
