@@ -118,6 +118,10 @@ def main():
             bench(name, fn, [shape])
     if args.quick:
         return
+    # Layer norm over the last dimension, with its scale and shift (their gradients too).
+    width = 192
+    ln = lambda x, w, b: F.layer_norm(x, (width,), w, b)
+    bench("layer_norm", ln, [(8, 256, width), (width,), (width,)])
     for name, shape, causal in ATTENTION:
         sdpa = lambda q, k, v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c)
         bench(name, sdpa, [shape] * 3)

@@ -350,3 +350,75 @@ fn preview_and_export() {
     assert!(text.contains("2 .npz files"), "{text}");
     assert!(npz.join("episode_000001.npz").is_file());
 }
+
+/// The JSON lines of a `dws bench`, as (name, value).
+fn bench_lines(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["bench"].as_str()?.to_string(), v["value"].as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn bench_step_times_both_paths_and_takes_the_torch_peers_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peer = tmp.path().join("step.jsonl");
+    fs::write(
+        &peer,
+        "{\"bench\":\"step/torch/threads\",\"unit\":\"threads\",\"value\":2}\n\
+         {\"bench\":\"step/toy/torch_ms\",\"unit\":\"ms\",\"value\":100.0}\n",
+    )
+    .unwrap();
+    let out = ok(dws()
+        .args(["bench", "step", "--model", "toy", "--steps", "1", "--torch"])
+        .arg(&peer)
+        .output()
+        .unwrap());
+    let lines = bench_lines(&out);
+    let get = |name: &str| {
+        lines
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+    };
+    let (burn, fused) = (get("step/toy/burn_ms"), get("step/toy/fused_ms"));
+    assert!(burn > 0.0 && fused > 0.0, "{out}");
+    // Ratios as printed (4 significant digits).
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * b.abs();
+    assert!(close(get("step/toy/speedup"), burn / fused), "{out}");
+    assert!(
+        close(get("step/toy/fused_vs_torch"), 100.0 / fused),
+        "{out}"
+    );
+    // Bad input is named.
+    let err = fails(
+        dws()
+            .args(["bench", "step", "--model", "mlp", "--steps", "1"])
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("unknown --model `mlp`"), "{err}");
+    fs::write(
+        &peer,
+        "{\"bench\":\"ops/exp/8/fwd/torch_ms\",\"value\":1}\n",
+    )
+    .unwrap();
+    let err = fails(
+        dws()
+            .args([
+                "bench",
+                "step",
+                "--model",
+                "toy",
+                "--steps",
+                "1",
+                "--fused-only",
+            ])
+            .arg("--torch")
+            .arg(&peer)
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("no measurement named like ours"), "{err}");
+}

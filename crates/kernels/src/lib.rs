@@ -15,6 +15,7 @@ pub mod conv;
 pub mod flash;
 pub mod math;
 pub mod norm;
+pub mod permute;
 pub mod pool;
 pub mod rope;
 mod tile;
@@ -129,6 +130,9 @@ pub trait FusedBackend: Backend {
         stats: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3];
+    /// `x` with its axes permuted ([`permute`]; output axis `i` is input axis
+    /// `axes[i]`), contiguous.
+    fn fused_permute(x: FloatTensor<Self>, axes: &[usize]) -> FloatTensor<Self>;
     /// Rotary positions ([`rope`]) of `x` `[B, L, H, d]` from position `start`
     /// (`inverse`: the turn back, which is also the backward pass).
     fn fused_rotary(
@@ -539,6 +543,13 @@ impl FusedBackend for Flex {
         ]
     }
 
+    fn fused_permute(x: FlexTensor, axes: &[usize]) -> FlexTensor {
+        let (c, shape) = flex_f32(&x);
+        let out = permute::permute(c.as_slice::<f32>().expect("contiguous f32"), &shape, axes);
+        let dims: Vec<usize> = axes.iter().map(|&a| shape[a]).collect();
+        flex_from(out, Shape::from(dims))
+    }
+
     fn fused_self_attention(
         qkv: FlexTensor,
         heads: usize,
@@ -783,6 +794,27 @@ impl<B: FusedBackend> Backward<B, 3> for LayerNormGrad {
 }
 
 #[derive(Debug)]
+struct PermuteGrad {
+    /// The permutation that undoes the forward's.
+    inverse: Vec<usize>,
+}
+
+impl<B: FusedBackend> Backward<B, 1> for PermuteGrad {
+    type State = ();
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        ad_unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::fused_permute(grad, &self.inverse)
+        });
+    }
+}
+
+#[derive(Debug)]
 struct SelfAttentionGrad {
     heads: usize,
     causal: bool,
@@ -989,6 +1021,15 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
         _causal: bool,
     ) -> [FloatTensor<Self>; 3] {
         unimplemented!("second derivatives of the fused operations are not supported")
+    }
+
+    fn fused_permute(x: FloatTensor<Self>, axes: &[usize]) -> FloatTensor<Self> {
+        PermuteGrad {
+            inverse: permute::inverse(axes),
+        }
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateless(B::fused_permute(x.primitive, axes))
     }
 
     fn fused_layer_norm(
@@ -1495,6 +1536,24 @@ pub fn layer_norm_epsilon<B: Backend>(norm: &burn::nn::LayerNorm<B>) -> Option<f
         .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+')))
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
+}
+
+/// `x` with its axes permuted (output axis `i` is input axis `axes[i]`), as a new
+/// contiguous tensor: on Flex one parallel pass forward and one backward, where burn
+/// makes a permuted view contiguous element by element on one thread whenever the
+/// next operation needs it (a reshape, a matrix product); elsewhere `x.permute(axes)`.
+pub fn permute<B: Backend, const D: usize>(x: Tensor<B, D>, axes: [usize; D]) -> Tensor<B, D> {
+    if path::<B>() != Path::Fused || !is_float(&x) {
+        return x.permute(axes);
+    }
+    let x = match on::<B, Flex, D>(x, |t| Flex::fused_permute(t, &axes)) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    match on::<B, Autodiff<Flex>, D>(x, |t| Autodiff::<Flex>::fused_permute(t, &axes)) {
+        Ok(y) => y,
+        Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
+    }
 }
 
 /// `layer` applied to the last dimension of `x` as one matrix product over all its rows:

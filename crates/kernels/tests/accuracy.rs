@@ -635,6 +635,30 @@ fn layer_norm_and_its_gradients_equal_burns() {
     }
 }
 
+#[test]
+fn permute_and_its_gradient_equal_burns() {
+    let shape = [3, 2, 4, 5, 3, 2];
+    let axes = [0, 2, 4, 3, 5, 1];
+    let x = random::<Flex, 6>(shape, 1.0, 95);
+    let out_dims = axes.map(|a| shape[a]);
+    let w = random::<A, 6>(out_dims, 1.0, 96);
+    let run = |fused: bool| {
+        let xa = Tensor::<A, 6>::from_inner(x.clone()).require_grad();
+        let y = if fused {
+            dws_kernels::permute(xa.clone(), axes)
+        } else {
+            xa.clone().permute(axes)
+        };
+        // A reshape after the permutation, as the patch embedding does.
+        let g = (y.clone() * w.clone()).reshape([-1]).sum().backward();
+        (y.inner(), xa.grad(&g).unwrap())
+    };
+    let (f, r) = (run(true), run(false));
+    assert_eq!(f.0.dims(), out_dims);
+    assert_eq!(max_gap(f.0, r.0), 0.0, "outputs differ");
+    assert_eq!(max_gap(f.1, r.1), 0.0, "gradients differ");
+}
+
 /// Packed self-attention through burn's operations alone: split the heads, matmuls and
 /// burn's softmax, merge the heads.
 fn self_attention_by_burn<B: Backend>(

@@ -14,7 +14,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::ops::{GridSampleOptions, GridSamplePaddingMode, InterpolateMode};
 // Fused CPU kernels on Flex, burn's operations on other backends.
-use dws_kernels::{gelu, layer_norm, linear, sigmoid, silu};
+use dws_kernels::{gelu, layer_norm, linear, permute, sigmoid, silu};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -353,9 +353,13 @@ impl<B: Backend> FlowDit<B> {
         let [b, f, c, h, w] = x.dims();
         let p = self.patch;
         let (hp, wp) = (h / p, w / p);
-        x.reshape([b * f, c, hp, p, wp, p])
-            .permute([0, 2, 4, 3, 5, 1]) // [BF, hp, wp, p, p, C]
-            .reshape([b, f, hp * wp, p * p * c])
+        // [BF, hp, wp, p, p, C]
+        permute(x.reshape([b * f, c, hp, p, wp, p]), [0, 2, 4, 3, 5, 1]).reshape([
+            b,
+            f,
+            hp * wp,
+            p * p * c,
+        ])
     }
 
     /// Inverse of [`Self::patchify`].
@@ -363,9 +367,8 @@ impl<B: Backend> FlowDit<B> {
         let [b, f, _, _] = x.dims();
         let p = self.patch;
         let (hp, wp) = (h / p, w / p);
-        x.reshape([b * f, hp, wp, p, p, c])
-            .permute([0, 5, 1, 3, 2, 4]) // [BF, C, hp, p, wp, p]
-            .reshape([b, f, c, h, w])
+        // [BF, C, hp, p, wp, p]
+        permute(x.reshape([b * f, hp, wp, p, p, c]), [0, 5, 1, 3, 2, 4]).reshape([b, f, c, h, w])
     }
 
     /// The network's output for frames `x` `[B, F, C, H, W]` at per-frame flow times `t`
@@ -434,7 +437,7 @@ impl<B: Backend> FlowDit<B> {
             let [b, _, _, _] = top.dims();
             let (hp, wp) = (h / self.patch, w / self.patch);
             let d = linear(head, top) * WARP_SCALE; // [B, F, N, 2]
-            let d = d.reshape([b * f, hp, wp, 2]).permute([0, 3, 1, 2]); // [BF, 2, hp, wp]
+            let d = permute(d.reshape([b * f, hp, wp, 2]), [0, 3, 1, 2]); // [BF, 2, hp, wp]
             upsample_bilinear(d, h, w).reshape([b, f, 2, h, w])
         });
         (self.unpatchify(out, c, h, w), field)
@@ -462,14 +465,10 @@ pub fn upsample_bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize
         Tensor::<B, 2>::from_data(TensorData::new(m, [n_in, n_out]), &device)
     };
     let rows = x.reshape([n * c * h, w]).matmul(weights(w, out_w)); // [NCh, out_w]
-    let cols = rows
-        .reshape([n * c, h, out_w])
-        .swap_dims(1, 2)
+    let cols = permute(rows.reshape([n * c, h, out_w]), [0, 2, 1])
         .reshape([n * c * out_w, h])
         .matmul(weights(h, out_h)); // [NC out_w, out_h]
-    cols.reshape([n * c, out_w, out_h])
-        .swap_dims(1, 2)
-        .reshape([n, c, out_h, out_w])
+    permute(cols.reshape([n * c, out_w, out_h]), [0, 2, 1]).reshape([n, c, out_h, out_w])
 }
 
 /// Frames `[B, F, C, H, W]` blurred by a Gaussian of `sigma` pixels (separable, as two
@@ -522,7 +521,7 @@ pub fn warp<B: Backend>(frames: Tensor<B, 5>, field: Tensor<B, 5>) -> Tensor<B, 
         &device,
     )
     .reshape([1, 1, 1, 2]);
-    let grid = base + field.reshape([b * f, 2, h, w]).permute([0, 2, 3, 1]) * scale;
+    let grid = base + permute(field.reshape([b * f, 2, h, w]), [0, 2, 3, 1]) * scale;
     let options = GridSampleOptions::new(InterpolateMode::Bilinear)
         .with_padding_mode(GridSamplePaddingMode::Border)
         .with_align_corners(false);

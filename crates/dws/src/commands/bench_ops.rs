@@ -4,6 +4,7 @@
 
 use super::bench::emit;
 use anyhow::{Context, Result};
+use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use dws_kernels::Unary;
@@ -211,6 +212,54 @@ fn measure_attention<B: AutodiffBackend>(
     Ok(())
 }
 
+/// Layer norm over the last dimension of `[8, 256, 192]` with its scale and shift:
+/// burn's `LayerNorm` against `dws_kernels::layer_norm`; forward+backward takes the
+/// gradients of the input, the scale and the shift.
+fn measure_layer_norm<B: AutodiffBackend>(
+    seconds: f64,
+    device: &B::Device,
+    out: &mut Vec<(String, f64)>,
+) -> Result<()> {
+    let shape = [8, 256, 192];
+    let base = format!("ops/layer_norm/{}", shape_name(&shape));
+    let norm = burn::nn::LayerNormConfig::new(shape[2]).init::<B>(device);
+    let inner = norm.valid();
+    let x = random::<B::InnerBackend, 3>(shape, device);
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"));
+    let fwd = |fused: bool| {
+        time_ms(seconds, || {
+            let y = if fused {
+                dws_kernels::layer_norm(&inner, x.clone())
+            } else {
+                inner.forward(x.clone())
+            };
+            drop(y);
+            let _ = sync();
+        })
+    };
+    let fwdbwd = |fused: bool| {
+        time_ms(seconds, || {
+            let xa = Tensor::<B, 3>::from_inner(x.clone()).require_grad();
+            let y = if fused {
+                dws_kernels::layer_norm(&norm, xa.clone())
+            } else {
+                norm.forward(xa.clone())
+            };
+            let grads = y.backward();
+            let _ = xa.grad(&grads);
+            let _ = norm.gamma.val().grad(&grads);
+            let _ = sync();
+        })
+    };
+    let results = [
+        ("fwd", fwd(false), fwd(true)),
+        ("fwdbwd", fwdbwd(false), fwdbwd(true)),
+    ];
+    sync()?;
+    record(&base, &results, out);
+    Ok(())
+}
+
 /// Prints and keeps each pass's times and their ratio.
 fn record(base: &str, results: &[(&str, f64, f64)], out: &mut Vec<(String, f64)>) {
     for &(pass, b, f) in results {
@@ -237,6 +286,9 @@ impl crate::device::Job for OpsBench {
             if !self.quick {
                 measure::<B, 2>(&Softmax(log), [64, 1024], s, &device, &mut out)?;
             }
+        }
+        if !self.quick {
+            measure_layer_norm::<B>(s, &device, &mut out)?;
         }
         let shapes: &[([usize; 4], bool)] = if self.quick {
             &[([8, 6, 256, 32], false)]
