@@ -36,7 +36,8 @@ use std::any::Any;
 /// (element-wise) or its last dimension (softmax).
 pub trait FusedBackend: Backend {
     fn fused_unary(op: Unary, x: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// `grad · op'(x)`.
+    /// `grad · op'(x)`, from `saved`: the output `op(x)` for the functions whose
+    /// derivative is a function of it ([`Unary::grad_from_output`]), else the input `x`.
     fn fused_unary_backward(
         op: Unary,
         x: FloatTensor<Self>,
@@ -315,7 +316,11 @@ impl FusedBackend for Flex {
         let ((cx, shape), (cg, _)) = (flex_f32(&x), flex_f32(&grad));
         let xs = cx.as_slice::<f32>().expect("contiguous f32");
         let gs = cg.as_slice::<f32>().expect("contiguous f32");
-        let out = math::fill_new(xs.len(), |d| math::backward_into(op, d, xs, gs));
+        let out = if op.grad_from_output() {
+            math::fill_new(xs.len(), |d| math::backward_from_output_into(op, d, xs, gs))
+        } else {
+            math::fill_new(xs.len(), |d| math::backward_into(op, d, xs, gs))
+        };
         flex_from(out, shape)
     }
 
@@ -636,7 +641,7 @@ impl FusedBackend for Flex {
 /// Which fused operation a tracked autodiff node came from.
 #[derive(Debug, Clone, Copy)]
 enum Fused {
-    /// Saves the input.
+    /// Saves the input, or the output where the derivative is a function of it.
     Unary(Unary),
     /// Saves the output.
     Softmax { log: bool },
@@ -683,6 +688,10 @@ fn tracked<B: FusedBackend, C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(prep) => match kind {
+            Fused::Unary(op) if op.grad_from_output() => {
+                let out = forward(x.primitive);
+                prep.finish(out.clone(), out)
+            }
             Fused::Unary(_) => {
                 let out = forward(x.primitive.clone());
                 prep.finish(x.primitive, out)

@@ -68,6 +68,12 @@ impl Unary {
         Unary::GeluTanh,
     ];
 
+    /// Whether the derivative is a function of the output (exp, sigmoid, tanh): the
+    /// backward then reads the saved output instead of recomputing the function.
+    pub fn grad_from_output(self) -> bool {
+        matches!(self, Unary::Exp | Unary::Sigmoid | Unary::Tanh)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Unary::Exp => "exp",
@@ -442,6 +448,39 @@ pub fn backward_into(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
     chunked(dst, x, Some(g), |d, x, g| {
         let g = g.expect("passed above");
         backward_at(level, op, d, x, g)
+    });
+}
+
+// `multiversion!` hands every body the MulAdd type; this needs none.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+fn backward_from_output_generic<M: MulAdd>(op: Unary, dst: &mut [Out], y: &[f32], g: &[f32]) {
+    macro_rules! each {
+        ($f:expr) => {
+            for ((d, &y), &g) in dst.iter_mut().zip(y).zip(g) {
+                d.write($f(y, g));
+            }
+        };
+    }
+    match op {
+        Unary::Exp => each!(|y: f32, g: f32| g * y),
+        Unary::Sigmoid => each!(|y: f32, g: f32| g * y * (1.0 - y)),
+        Unary::Tanh => each!(|y: f32, g: f32| g * (1.0 - y * y)),
+        _ => panic!("{}'s derivative is not a function of its output", op.name()),
+    }
+}
+multiversion!(backward_from_output_generic, backward_from_output_at, (op: Unary, dst: &mut [Out], y: &[f32], g: &[f32]));
+
+/// `dst[i] = g[i] · op'(x[i])` from the outputs `y[i] = op(x[i])`, for the functions
+/// whose derivative is a function of the output ([`Unary::grad_from_output`]).
+pub fn backward_from_output_into(op: Unary, dst: &mut [Out], y: &[f32], g: &[f32]) {
+    assert!(op.grad_from_output(), "{} needs its input", op.name());
+    assert_eq!(dst.len(), y.len());
+    assert_eq!(dst.len(), g.len());
+    let level = level();
+    chunked(dst, y, Some(g), |d, y, g| {
+        let g = g.expect("passed above");
+        backward_from_output_at(level, op, d, y, g)
     });
 }
 
