@@ -89,6 +89,15 @@ impl Layout {
         }
     }
 
+    /// A `[B, L, H, w]` tensor (heads last, as a projection reshaped to heads is).
+    pub fn heads_last(len: usize, heads: usize, width: usize) -> Layout {
+        Layout {
+            batch: len * heads * width,
+            head: width,
+            row: heads * width,
+        }
+    }
+
     /// Part `part` (0: q, 1: k, 2: v) of a packed `[B, L, 3·H·w]` projection, read from
     /// the slice that starts at that part's first column.
     pub fn packed(len: usize, heads: usize, width: usize) -> Layout {
@@ -379,6 +388,19 @@ impl GradLayout {
                 (0, Layout::separate(lq, d)),
                 (lq * d, Layout::separate(lk, d)),
                 (lq * d + lk * d, Layout::separate(lk, dv)),
+            ],
+        }
+    }
+
+    /// dq `[Lq, H, d]`, then dk `[Lk, H, d]`, then dv `[Lk, H, dv]`, per batch item.
+    pub fn heads_last(s: &AttnShape) -> GradLayout {
+        let (lq, lk, h, d, dv) = (s.lq, s.lk, s.heads, s.d, s.dv);
+        GradLayout {
+            chunk: (lq * d + lk * d + lk * dv) * h,
+            parts: [
+                (0, Layout::heads_last(lq, h, d)),
+                (lq * h * d, Layout::heads_last(lk, h, d)),
+                ((lq + lk) * h * d, Layout::heads_last(lk, h, dv)),
             ],
         }
     }

@@ -84,19 +84,26 @@ pub trait FusedBackend: Backend {
     /// Flash attention ([`flash`]) of `q` `[B, H, Lq, d]`, `k` `[B, H, Lk, d]`, `v`
     /// `[B, H, Lk, dv]` with scale `1/sqrt(d)`, optionally causal (`Lq == Lk`): the output
     /// `[B, H, Lq, dv]` and each query's log-sum-exp of scores `[B, H, Lq]`.
+    ///
+    /// With `heads_last`, `q`, `k`, `v` are `[B, L, H, d]` (as projections reshaped to
+    /// heads are), read in place, and the output is `[B, Lq, H·dv]`, the log-sum-exps
+    /// `[B, Lq, H]`.
     fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         causal: bool,
+        heads_last: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
-    /// The gradients of [`FusedBackend::fused_attention`] for `q`, `k` and `v`.
+    /// The gradients of [`FusedBackend::fused_attention`] for `q`, `k` and `v` (in their
+    /// layout).
     fn fused_attention_backward(
         qkv: [FloatTensor<Self>; 3],
         out: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         causal: bool,
+        heads_last: bool,
     ) -> [FloatTensor<Self>; 3];
     /// Flash self-attention of a packed projection `qkv` `[B, L, 3·H·d]` (queries,
     /// keys and values side by side, each `H` heads of width `d`), read in place: the
@@ -178,14 +185,34 @@ fn pool_shape(dims: [usize; 4], p: PoolArgs) -> pool::PoolShape {
     }
 }
 
-fn attn_shape(q: &Shape, k: &Shape, v: &Shape, causal: bool) -> flash::AttnShape {
-    let [b, h, lq, d] = q.dims::<4>();
-    let [b2, h2, lk, d2] = k.dims::<4>();
-    let [b3, h3, lk2, dv] = v.dims::<4>();
+/// The attention of `[B, H, L, d]` q, k, v (or `[B, L, H, d]` with `heads_last`).
+fn attn_shape(q: &Shape, k: &Shape, v: &Shape, causal: bool, heads_last: bool) -> flash::AttnShape {
+    let order = |s: &Shape| {
+        let [a, b, c, d] = s.dims::<4>();
+        if heads_last {
+            [a, c, b, d]
+        } else {
+            [a, b, c, d]
+        }
+    };
+    let [b, h, lq, d] = order(q);
+    let [b2, h2, lk, d2] = order(k);
+    let [b3, h3, lk2, dv] = order(v);
     assert!(
         (b, h, d, lk) == (b2, h2, d2, lk2) && (b, h) == (b3, h3),
         "attention: q {q:?}, k {k:?} and v {v:?} do not fit together"
     );
+    if heads_last {
+        return flash::AttnShape {
+            batch: b,
+            heads: h,
+            lq,
+            lk,
+            d,
+            dv,
+            causal,
+        };
+    }
     flash::AttnShape {
         batch: b * h,
         heads: 1,
@@ -225,6 +252,24 @@ fn packed_operands<'a>(s: &flash::AttnShape, qkv: &'a FlexTensor) -> [flash::Ope
         data: &data[part * w..],
         layout,
     })
+}
+
+/// The flash kernel's view of contiguous q, k and v: `[B·H, L, d]`, or `[B, L, H, d]`
+/// with `heads_last`.
+fn attn_operands<'a>(
+    s: &flash::AttnShape,
+    qkv: [&'a FlexTensor; 3],
+    heads_last: bool,
+) -> [flash::Operand<'a>; 3] {
+    if !heads_last {
+        return separate_operands(s, qkv);
+    }
+    let [q, k, v] = qkv;
+    let op = |t: &'a FlexTensor, len: usize, width: usize| flash::Operand {
+        data: t.as_slice::<f32>().expect("contiguous f32"),
+        layout: flash::Layout::heads_last(len, s.heads, width),
+    };
+    [op(q, s.lq, s.d), op(k, s.lk, s.d), op(v, s.lk, s.dv)]
 }
 
 /// The flash kernel's view of contiguous `[B·H, L, d]` q, k and v.
@@ -462,11 +507,18 @@ impl FusedBackend for Flex {
         k: FlexTensor,
         v: FlexTensor,
         causal: bool,
+        heads_last: bool,
     ) -> (FlexTensor, FlexTensor) {
         let ((cq, qs), (ck, ks), (cv, vs)) = (flex_f32(&q), flex_f32(&k), flex_f32(&v));
-        let s = attn_shape(&qs, &ks, &vs, causal);
-        let [q, k, v] = separate_operands(&s, [&cq, &ck, &cv]);
+        let s = attn_shape(&qs, &ks, &vs, causal, heads_last);
+        let [q, k, v] = attn_operands(&s, [&cq, &ck, &cv], heads_last);
         let (out, lse) = flash::forward(s, q, k, v);
+        if heads_last {
+            return (
+                flex_from(out, Shape::new([s.batch, s.lq, s.heads * s.dv])),
+                flex_from(lse, Shape::new([s.batch, s.lq, s.heads])),
+            );
+        }
         let [b, h, lq, _] = qs.dims::<4>();
         (
             flex_from(out, Shape::new([b, h, lq, s.dv])),
@@ -480,12 +532,17 @@ impl FusedBackend for Flex {
         lse: FlexTensor,
         grad: FlexTensor,
         causal: bool,
+        heads_last: bool,
     ) -> [FlexTensor; 3] {
         let ((cq, qs), (ck, ks), (cv, vs)) = (flex_f32(&q), flex_f32(&k), flex_f32(&v));
         let ((co, _), (cl, _), (cg, _)) = (flex_f32(&out), flex_f32(&lse), flex_f32(&grad));
-        let s = attn_shape(&qs, &ks, &vs, causal);
-        let [q, k, v] = separate_operands(&s, [&cq, &ck, &cv]);
-        let layout = flash::GradLayout::separate(&s);
+        let s = attn_shape(&qs, &ks, &vs, causal, heads_last);
+        let [q, k, v] = attn_operands(&s, [&cq, &ck, &cv], heads_last);
+        let layout = if heads_last {
+            flash::GradLayout::heads_last(&s)
+        } else {
+            flash::GradLayout::separate(&s)
+        };
         let all = flash::backward(
             s,
             q,
@@ -496,11 +553,16 @@ impl FusedBackend for Flex {
             cg.as_slice::<f32>().expect("contiguous f32"),
             layout,
         );
-        // Each group's chunk holds its dq, dk and dv one after the other.
+        // Each chunk (a group, or a batch item with its heads) holds its dq, dk and dv
+        // one after the other.
+        let h = s.heads;
         let mut parts: [Vec<f32>; 3] = Default::default();
         for chunk in all.chunks_exact(layout.chunk) {
             let mut at = 0;
-            for (part, n) in parts.iter_mut().zip([s.lq * s.d, s.lk * s.d, s.lk * s.dv]) {
+            for (part, n) in parts
+                .iter_mut()
+                .zip([s.lq * s.d * h, s.lk * s.d * h, s.lk * s.dv * h])
+            {
                 part.extend_from_slice(&chunk[at..at + n]);
                 at += n;
             }
@@ -755,6 +817,7 @@ impl<B: FusedBackend> Backward<B, 1> for RotaryGrad {
 #[derive(Debug)]
 struct AttentionGrad {
     causal: bool,
+    heads_last: bool,
 }
 
 impl<B: FusedBackend> Backward<B, 3> for AttentionGrad {
@@ -769,7 +832,7 @@ impl<B: FusedBackend> Backward<B, 3> for AttentionGrad {
     ) {
         let grad = grads.consume::<B>(&ops.node);
         let (qkv, out, lse) = ops.state;
-        let dqkv = B::fused_attention_backward(qkv, out, lse, grad, self.causal);
+        let dqkv = B::fused_attention_backward(qkv, out, lse, grad, self.causal, self.heads_last);
         for (parent, g) in ops.parents.into_iter().zip(dqkv) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, g);
@@ -973,8 +1036,9 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         causal: bool,
+        heads_last: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        match (AttentionGrad { causal })
+        match (AttentionGrad { causal, heads_last })
             .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
             .compute_bound()
             .stateful()
@@ -985,6 +1049,7 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
                     k.primitive.clone(),
                     v.primitive.clone(),
                     causal,
+                    heads_last,
                 );
                 let state = (
                     [q.primitive, k.primitive, v.primitive],
@@ -997,7 +1062,8 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
                 )
             }
             OpsKind::UnTracked(prep) => {
-                let (out, lse) = B::fused_attention(q.primitive, k.primitive, v.primitive, causal);
+                let (out, lse) =
+                    B::fused_attention(q.primitive, k.primitive, v.primitive, causal, heads_last);
                 (
                     prep.finish(out),
                     <Autodiff<B, C> as burn::tensor::backend::AutodiffBackend>::from_inner(lse),
@@ -1028,6 +1094,7 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
         _lse: FloatTensor<Self>,
         _grad: FloatTensor<Self>,
         _causal: bool,
+        _heads_last: bool,
     ) -> [FloatTensor<Self>; 3] {
         unimplemented!("second derivatives of the fused operations are not supported")
     }
@@ -1412,7 +1479,7 @@ pub fn flash_attention<B: Backend>(
         (q, k, v): (Tensor<F, 4>, Tensor<F, 4>, Tensor<F, 4>),
         causal: bool,
     ) -> Tensor<F, 4> {
-        tensor(F::fused_attention(float(q), float(k), float(v), causal).0)
+        tensor(F::fused_attention(float(q), float(k), float(v), causal, false).0)
     }
     type Qkv<F> = (Tensor<F, 4>, Tensor<F, 4>, Tensor<F, 4>);
     let parts = (q, k, v);
@@ -1476,6 +1543,44 @@ pub fn self_attention_split<B: Backend>(
     attention(split(0), split(1), split(2), None, causal)
         .swap_dims(1, 2)
         .reshape([b, l, d])
+}
+
+/// Multi-head attention of `q` `[B, Lq, H, d]`, `k` `[B, Lk, H, d]`, `v` `[B, Lk, H, dv]`
+/// (heads last, as projections reshaped to heads are) with scale `1/sqrt(d)`, optionally
+/// causal (then `Lq == Lk`): `[B, Lq, H·dv]`, the heads side by side, ready for the
+/// output projection. On Flex the flash kernel reads the heads in place and writes the
+/// gradients in the same layout, so no head is transposed or merged by a copy; elsewhere
+/// (and with a causal mask over unequal lengths) [`attention`] on transposed heads.
+pub fn attention_heads_last<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    causal: bool,
+) -> Tensor<B, 3> {
+    let [b, lq, h, _] = q.dims();
+    let [_, lk, _, dv] = v.dims();
+    if path::<B>() != Path::Fused || !is_float(&q) || (causal && lq != lk) {
+        let t = |x: Tensor<B, 4>| x.swap_dims(1, 2);
+        return attention(t(q), t(k), t(v), None, causal)
+            .swap_dims(1, 2)
+            .reshape([b, lq, h * dv]);
+    }
+    fn run<F: FusedBackend>(
+        (q, k, v): (Tensor<F, 4>, Tensor<F, 4>, Tensor<F, 4>),
+        causal: bool,
+    ) -> Tensor<F, 3> {
+        tensor(F::fused_attention(float(q), float(k), float(v), causal, true).0)
+    }
+    type Qkv<F> = (Tensor<F, 4>, Tensor<F, 4>, Tensor<F, 4>);
+    let parts = (q, k, v);
+    let parts = match on_parts::<_, Qkv<Flex>, Tensor<B, 3>, _>(parts, |p| run(p, causal)) {
+        Ok(y) => return y,
+        Err(p) => p,
+    };
+    match on_parts::<_, Qkv<Autodiff<Flex>>, Tensor<B, 3>, _>(parts, |p| run(p, causal)) {
+        Ok(y) => y,
+        Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
+    }
 }
 
 /// Attention from matmuls and the given softmax (the fused one, or burn's for tests).

@@ -659,6 +659,52 @@ fn permute_and_its_gradient_equal_burns() {
     assert_eq!(max_gap(f.1, r.1), 0.0, "gradients differ");
 }
 
+#[test]
+fn heads_last_attention_and_its_gradients_equal_burns_composition() {
+    // (batch, lq, lk, heads, d, dv, causal), across tile edges and both tile widths.
+    for (b, lq, lk, h, d, dv, causal) in [
+        (2, 70, 70, 3, 16, 8, true),
+        (2, 40, 130, 2, 32, 32, false),
+        (1, 129, 129, 2, 64, 32, true),
+        (3, 1, 90, 4, 32, 64, false),
+    ] {
+        let q = random::<Flex, 4>([b, lq, h, d], 1.5, 100);
+        let k = random::<Flex, 4>([b, lk, h, d], 1.5, 101);
+        let v = random::<Flex, 4>([b, lk, h, dv], 1.0, 102);
+        let w = random::<A, 3>([b, lq, h * dv], 1.0, 103);
+        let run = |fused: bool| {
+            let leaf = |x: &Tensor<Flex, 4>| Tensor::<A, 4>::from_inner(x.clone()).require_grad();
+            let (qa, ka, va) = (leaf(&q), leaf(&k), leaf(&v));
+            let y = if fused {
+                dws_kernels::attention_heads_last(qa.clone(), ka.clone(), va.clone(), causal)
+            } else {
+                let t = |x: Tensor<A, 4>| x.swap_dims(1, 2);
+                dws_kernels::attention_composed(
+                    t(qa.clone()),
+                    t(ka.clone()),
+                    t(va.clone()),
+                    None,
+                    causal,
+                    |s| softmax_reference(s, false),
+                )
+                .swap_dims(1, 2)
+                .reshape([b, lq, h * dv])
+            };
+            let g = (y.clone() * w.clone()).sum().backward();
+            let grads = [&qa, &ka, &va].map(|x| x.grad(&g).unwrap());
+            (y.inner(), grads)
+        };
+        let (f, r) = (run(true), run(false));
+        let what = format!("b {b}, {lq}x{lk}, {h} heads, d {d}, dv {dv}, causal {causal}");
+        let gap = max_gap(f.0, r.0);
+        assert!(gap < 2e-5, "{what}: outputs differ by {gap}");
+        for (i, (gf, gr)) in f.1.into_iter().zip(r.1).enumerate() {
+            let gap = max_gap(gf, gr);
+            assert!(gap < 1e-4, "{what}: gradient {i} differs by {gap}");
+        }
+    }
+}
+
 /// Packed self-attention through burn's operations alone: split the heads, matmuls and
 /// burn's softmax, merge the heads.
 fn self_attention_by_burn<B: Backend>(

@@ -140,7 +140,7 @@ struct ArBlock<B: Backend> {
     w2: Linear<B>,
 }
 
-/// Keys and values of the positions fed so far, per block: `[B, H, T, dh]`.
+/// Keys and values of the positions fed so far, per block: `[B, T, H, dh]`.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     keys: Vec<Option<Tensor<B, 4>>>,
@@ -176,25 +176,25 @@ impl<B: Backend> ArBlock<B> {
         let dh = d / heads;
         let h = self.norm1.forward(x.clone());
         let heads_of = |t: Tensor<B, 3>| t.reshape([b, l, heads, dh]);
-        // Rotary positions on [B, L, H, dh], then heads first.
-        let turn = |t: Tensor<B, 3>| rotary(heads_of(t), start, ROPE_THETA).swap_dims(1, 2);
+        // Rotary positions on [B, L, H, dh]; the attention reads the heads in place.
+        let turn = |t: Tensor<B, 3>| rotary(heads_of(t), start, ROPE_THETA);
         let q = turn(linear(&self.wq, h.clone()));
         let mut k = turn(linear(&self.wk, h.clone()));
-        let mut v = heads_of(linear(&self.wv, h)).swap_dims(1, 2);
+        let mut v = heads_of(linear(&self.wv, h));
         let mut causal = true;
         if let Some((ck, cv)) = cache {
             if let (Some(pk), Some(pv)) = (ck.take(), cv.take()) {
                 assert_eq!(l, 1, "a filled cache takes one position at a time");
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
+                k = Tensor::cat(vec![pk, k], 1);
+                v = Tensor::cat(vec![pv, v], 1);
                 // One query after all cached keys: it may see every one of them.
                 causal = false;
             }
             *ck = Some(k.clone());
             *cv = Some(v.clone());
         }
-        let att = dws_kernels::attention(q, k, v, None, causal && l > 1);
-        let x = x + linear(&self.wo, att.swap_dims(1, 2).reshape([b, l, d]));
+        let att = dws_kernels::attention_heads_last(q, k, v, causal && l > 1); // [B, L, D]
+        let x = x + linear(&self.wo, att);
         let h = self.norm2.forward(x.clone());
         let mlp = linear(
             &self.w2,

@@ -33,6 +33,9 @@ pub enum Command {
         /// Timed steps (after one warm-up step).
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// Time only the fused kernels, not burn's operations (for a profiler).
+        #[arg(long)]
+        fused_only: bool,
         #[arg(long, default_value = "cpu")]
         device: crate::device::DeviceArg,
     },
@@ -257,6 +260,7 @@ struct TrainBench {
     preset: String,
     steps: usize,
     ar: bool,
+    fused_only: bool,
 }
 
 impl crate::device::Job for TrainBench {
@@ -264,7 +268,12 @@ impl crate::device::Job for TrainBench {
     fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Result<()> {
         // Burn's own operations first, then the fused kernels, in the same run.
         let mut means = Vec::new();
-        for fused in [false, true] {
+        let passes: &[bool] = if self.fused_only {
+            &[true]
+        } else {
+            &[false, true]
+        };
+        for &fused in passes {
             dws_kernels::set_enabled(fused);
             let mean = if self.ar {
                 self.time_ar_steps::<B>(&device)?
@@ -280,11 +289,13 @@ impl crate::device::Job for TrainBench {
             means.push(mean);
         }
         dws_kernels::set_enabled(true);
-        emit(
-            &format!("train/{}/fused_speedup", self.name()),
-            means[0] / means[1],
-            "x",
-        );
+        if let [burn, fused] = means[..] {
+            emit(
+                &format!("train/{}/fused_speedup", self.name()),
+                burn / fused,
+                "x",
+            );
+        }
         let preset = super::world::load_preset(&self.preset)?;
         let cfg = &preset.finetune;
         let per_frame = if self.ar {
@@ -722,6 +733,7 @@ pub fn run(cmd: Command) -> Result<()> {
             preset,
             backbone,
             steps,
+            fused_only,
             device,
         } => {
             let ar = match backbone.as_str() {
@@ -729,7 +741,15 @@ pub fn run(cmd: Command) -> Result<()> {
                 "ar" => true,
                 other => anyhow::bail!("unknown --backbone `{other}`: flow or ar"),
             };
-            crate::device::dispatch(device, TrainBench { preset, steps, ar })?
+            crate::device::dispatch(
+                device,
+                TrainBench {
+                    preset,
+                    steps,
+                    ar,
+                    fused_only,
+                },
+            )?
         }
         Command::Offline {
             batch,
