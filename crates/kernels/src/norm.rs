@@ -4,7 +4,7 @@
 //! `dx = r · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))` with `x̂ = (x − μ) · r`, `ĝ = g ⊙ γ`, and
 //! `dγ = Σ_rows g ⊙ x̂`, `dβ = Σ_rows g`.
 
-use crate::math::{fold_lanes, level, multiversion, Level, MulAdd};
+use crate::math::{fill_new, fold_lanes, level, multiversion, Level, MulAdd, Out};
 use rayon::prelude::*;
 
 /// Rows per parallel task.
@@ -44,7 +44,7 @@ fn sum_sq_dev(xs: &[f32], mean: f32) -> f32 {
 #[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
 fn forward_generic<M: MulAdd>(
-    y: &mut [f32],
+    y: &mut [Out],
     stats: &mut [f32],
     x: &[f32],
     gamma: &[f32],
@@ -61,19 +61,19 @@ fn forward_generic<M: MulAdd>(
         let var = sum_sq_dev(xr, mean) / d as f32;
         let r = 1.0 / (var + eps).sqrt();
         for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
-            *o = (v - mean) * r * g + b;
+            o.write((v - mean) * r * g + b);
         }
         st[0] = mean;
         st[1] = r;
     }
 }
-multiversion!(forward_generic, forward_at, (y: &mut [f32], stats: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32));
+multiversion!(forward_generic, forward_at, (y: &mut [Out], stats: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32));
 
 /// The rows' `dx`, and their `dγ` and `dβ` added into `dgb` (`[dγ | dβ]`).
 #[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
 fn backward_generic<M: MulAdd>(
-    dx: &mut [f32],
+    dx: &mut [Out],
     dgb: &mut [f32],
     x: &[f32],
     g: &[f32],
@@ -112,13 +112,13 @@ fn backward_generic<M: MulAdd>(
         let (m1, m2) = (s1 / d as f32, s2 / d as f32);
         for k in 0..d {
             let xh = (xr[k] - mean) * r;
-            dr[k] = r * (gr[k] * gamma[k] - m1 - xh * m2);
+            dr[k].write(r * (gr[k] * gamma[k] - m1 - xh * m2));
             dgamma[k] += gr[k] * xh;
             dbeta[k] += gr[k];
         }
     }
 }
-multiversion!(backward_generic, backward_at, (dx: &mut [f32], dgb: &mut [f32], x: &[f32], g: &[f32], stats: &[f32], gamma: &[f32]));
+multiversion!(backward_generic, backward_at, (dx: &mut [Out], dgb: &mut [f32], x: &[f32], g: &[f32], stats: &[f32], gamma: &[f32]));
 
 /// `y` and per-row `(μ, r)` (`[rows, 2]`) of `x` (`rows × d` values, `d = gamma.len()`).
 pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
@@ -129,13 +129,15 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, V
         "layer norm: rows of {d}"
     );
     let rows = x.len() / d;
-    let mut y = vec![0f32; x.len()];
     let mut stats = vec![0f32; rows * 2];
     let level = level();
-    y.par_chunks_mut(ROWS * d)
-        .zip(stats.par_chunks_mut(ROWS * 2))
-        .zip(x.par_chunks(ROWS * d))
-        .for_each(|((y, st), x)| forward_at(level, y, st, x, gamma, beta, eps));
+    // Every output value is written (each row whole).
+    let y = fill_new(x.len(), |y| {
+        y.par_chunks_mut(ROWS * d)
+            .zip(stats.par_chunks_mut(ROWS * 2))
+            .zip(x.par_chunks(ROWS * d))
+            .for_each(|((y, st), x)| forward_at(level, y, st, x, gamma, beta, eps))
+    });
     (y, stats)
 }
 
@@ -157,30 +159,33 @@ pub fn backward(
         x.len() / d * 2,
         "layer norm: one (μ, r) per row"
     );
-    let mut dx = vec![0f32; x.len()];
     let level = level();
-    // Each task adds its rows' dγ and dβ into its own buffer; the buffers are summed.
-    let dgb = dx
-        .par_chunks_mut(ROWS * d)
-        .zip(x.par_chunks(ROWS * d))
-        .zip(g.par_chunks(ROWS * d))
-        .zip(stats.par_chunks(ROWS * 2))
-        .fold(
-            || vec![0f32; 2 * d],
-            |mut acc, (((dx, x), g), st)| {
-                backward_at(level, dx, &mut acc, x, g, st, gamma);
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; 2 * d],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    *x += y;
-                }
-                a
-            },
-        );
+    let mut dgb = Vec::new();
+    // Every dx value is written (each row whole). Each task adds its rows' dγ and dβ
+    // into its own buffer; the buffers are summed.
+    let dx = fill_new(x.len(), |dx| {
+        dgb = dx
+            .par_chunks_mut(ROWS * d)
+            .zip(x.par_chunks(ROWS * d))
+            .zip(g.par_chunks(ROWS * d))
+            .zip(stats.par_chunks(ROWS * 2))
+            .fold(
+                || vec![0f32; 2 * d],
+                |mut acc, (((dx, x), g), st)| {
+                    backward_at(level, dx, &mut acc, x, g, st, gamma);
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0f32; 2 * d],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(&b) {
+                        *x += y;
+                    }
+                    a
+                },
+            );
+    });
     let (dgamma, dbeta) = dgb.split_at(d);
     (dx, dgamma.to_vec(), dbeta.to_vec())
 }
