@@ -123,21 +123,13 @@ impl<B: Backend> Attention<B> {
         let [b, l, d] = x.dims();
         let m = ctx.dims()[1];
         let hd = d / heads;
-        let q = linear(&self.q, x)
-            .reshape([b, l, heads, hd])
-            .swap_dims(1, 2);
+        // Heads last ([B, L, H, hd]): the attention reads them in place.
+        let q = linear(&self.q, x).reshape([b, l, heads, hd]);
         let kv = linear(&self.kv, ctx);
-        let k = kv
-            .clone()
-            .narrow(2, 0, d)
-            .reshape([b, m, heads, hd])
-            .swap_dims(1, 2);
-        let v = kv
-            .narrow(2, d, d)
-            .reshape([b, m, heads, hd])
-            .swap_dims(1, 2);
-        let out = dws_kernels::attention(q, k, v, None, false);
-        linear(&self.proj, out.swap_dims(1, 2).reshape([b, l, d]))
+        let k = kv.clone().narrow(2, 0, d).reshape([b, m, heads, hd]);
+        let v = kv.narrow(2, d, d).reshape([b, m, heads, hd]);
+        let out = dws_kernels::attention_heads_last(q, k, v, false); // [B, L, D]
+        linear(&self.proj, out)
     }
 }
 
