@@ -2,6 +2,7 @@
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex};
+use burn::module::AutodiffModule;
 use burn::prelude::*;
 use dws_kernels::{math, path, softmax_reference, unary, unary_reference, Path, Unary};
 use rand::{Rng, SeedableRng};
@@ -231,6 +232,37 @@ fn other_backends_take_burns_operations() {
     let a = dws_kernels::softmax(x_other).inner();
     let b = dws_kernels::softmax(x_flex);
     assert!(max_gap(a, b) < 1e-6);
+    // The model-level operations: packed and heads-last attention, layer norm, linear,
+    // permutation.
+    let lift = |x: &Tensor<Flex, 3>| Tensor::<Other, 3>::from_inner(x.clone());
+    let qkv = random::<Flex, 3>([2, 70, 3 * 2 * 32], 1.5, 5);
+    let a = dws_kernels::self_attention(lift(&qkv), 2, true).inner();
+    let b = dws_kernels::self_attention(qkv.clone(), 2, true);
+    assert!(max_gap(a, b) < 2e-5, "self_attention");
+    let h = |x: Tensor<Flex, 3>| x.reshape([2, 70, 2, 96]);
+    let (q, k, v) = (
+        h(qkv.clone()).narrow(3, 0, 32),
+        h(qkv.clone()).narrow(3, 32, 32),
+        h(qkv).narrow(3, 64, 32),
+    );
+    let lift4 = |x: &Tensor<Flex, 4>| Tensor::<Other, 4>::from_inner(x.clone());
+    let a = dws_kernels::attention_heads_last(lift4(&q), lift4(&k), lift4(&v), false).inner();
+    let b = dws_kernels::attention_heads_last(q, k, v, false);
+    assert!(max_gap(a, b) < 2e-5, "attention_heads_last");
+    let x = random::<Flex, 3>([4, 9, 24], 2.0, 6);
+    let norm_other = burn::nn::LayerNormConfig::new(24).init::<Other>(&Default::default());
+    let norm_flex = burn::nn::LayerNormConfig::new(24).init::<Flex>(&Default::default());
+    let a = dws_kernels::layer_norm(&norm_other, lift(&x)).inner();
+    let b = dws_kernels::layer_norm(&norm_flex, x.clone());
+    assert!(max_gap(a, b) < 1e-5, "layer_norm");
+    let lin_other = burn::nn::LinearConfig::new(24, 7).init::<Other>(&Default::default());
+    let lin_flex = lin_other.valid();
+    let a = dws_kernels::linear(&lin_other, lift(&x)).inner();
+    let b = dws_kernels::linear(&lin_flex, x.clone());
+    assert!(max_gap(a, b) < 1e-5, "linear");
+    let a = dws_kernels::permute(lift(&x), [2, 0, 1]).inner();
+    let b = dws_kernels::permute(x, [2, 0, 1]);
+    assert_eq!(max_gap(a, b), 0.0, "permute");
 }
 
 #[test]
