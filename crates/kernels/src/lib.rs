@@ -1,7 +1,11 @@
 //! Fused operations for dws models, fast on burn's CPU backend (`Flex`).
 //!
 //! burn's CPU backend runs transcendental functions as scalar code; these kernels
-//! vectorise them ([`math`]) and fuse each function with its derivative. They follow
+//! vectorise them ([`math`]) and fuse each function with its derivative. Beside them:
+//! flash attention ([`flash`]) that reads heads in place from packed or heads-last
+//! projections ([`self_attention`], [`attention_heads_last`]), layer norm ([`norm`]),
+//! axis permutation ([`permute`]), the adaLN modulation, convolution and pooling, rotary
+//! positions, and [`linear`] as one product over all rows. They follow
 //! burn's backend-extension pattern: [`FusedBackend`] is implemented for `Flex` (the fast
 //! kernels) and for `Autodiff<B>` over any `B: FusedBackend` (registering the backward
 //! pass), so training uses them too.
