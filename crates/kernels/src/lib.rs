@@ -4,7 +4,7 @@
 //! vectorise them ([`math`]) and fuse each function with its derivative. Beside them:
 //! flash attention ([`flash`]) that reads heads in place from packed or heads-last
 //! projections ([`self_attention`], [`attention_heads_last`]), layer norm ([`norm`]),
-//! axis permutation ([`permute`]), the adaLN modulation, convolution and pooling, rotary
+//! axis permutation ([`mod@permute`]), the adaLN modulation, convolution and pooling, rotary
 //! positions, and [`linear`] as one product over all rows. They follow
 //! burn's backend-extension pattern: [`FusedBackend`] is implemented for `Flex` (the fast
 //! kernels) and for `Autodiff<B>` over any `B: FusedBackend` (registering the backward
