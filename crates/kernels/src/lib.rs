@@ -142,7 +142,7 @@ pub trait FusedBackend: Backend {
         stats: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3];
-    /// `x` with its axes permuted ([`permute`]; output axis `i` is input axis
+    /// `x` with its axes permuted ([`mod@permute`]; output axis `i` is input axis
     /// `axes[i]`), contiguous.
     fn fused_permute(x: FloatTensor<Self>, axes: &[usize]) -> FloatTensor<Self>;
     /// Rotary positions ([`rope`]) of `x` `[B, L, H, d]` from position `start`
