@@ -1479,19 +1479,31 @@ pub fn flash_attention<B: Backend>(
         };
         return burn::tensor::module::attention(q, k, v, None, None, options);
     }
-    fn run<F: FusedBackend>(
-        (q, k, v): (Tensor<F, 4>, Tensor<F, 4>, Tensor<F, 4>),
-        causal: bool,
-    ) -> Tensor<F, 4> {
-        tensor(F::fused_attention(float(q), float(k), float(v), causal, false).0)
-    }
+    fused_attention_on(q, k, v, causal, false)
+}
+
+/// [`FusedBackend::fused_attention`]'s output for a `B` that is Flex or Autodiff<Flex>.
+fn fused_attention_on<B: Backend, const D: usize>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    causal: bool,
+    heads_last: bool,
+) -> Tensor<B, D> {
     type Qkv<F> = (Tensor<F, 4>, Tensor<F, 4>, Tensor<F, 4>);
-    let parts = (q, k, v);
-    let parts = match on_parts::<_, Qkv<Flex>, Tensor<B, 4>, _>(parts, |p| run(p, causal)) {
+    let run = |(q, k, v): Qkv<Flex>| -> Tensor<Flex, D> {
+        tensor(Flex::fused_attention(float(q), float(k), float(v), causal, heads_last).0)
+    };
+    let parts = match on_parts::<_, Qkv<Flex>, Tensor<B, D>, _>((q, k, v), run) {
         Ok(y) => return y,
         Err(p) => p,
     };
-    match on_parts::<_, Qkv<Autodiff<Flex>>, Tensor<B, 4>, _>(parts, |p| run(p, causal)) {
+    let run = |(q, k, v): Qkv<Autodiff<Flex>>| -> Tensor<Autodiff<Flex>, D> {
+        let (out, _) =
+            Autodiff::<Flex>::fused_attention(float(q), float(k), float(v), causal, heads_last);
+        tensor(out)
+    };
+    match on_parts::<_, Qkv<Autodiff<Flex>>, Tensor<B, D>, _>(parts, run) {
         Ok(y) => y,
         Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
     }
@@ -1569,22 +1581,7 @@ pub fn attention_heads_last<B: Backend>(
             .swap_dims(1, 2)
             .reshape([b, lq, h * dv]);
     }
-    fn run<F: FusedBackend>(
-        (q, k, v): (Tensor<F, 4>, Tensor<F, 4>, Tensor<F, 4>),
-        causal: bool,
-    ) -> Tensor<F, 3> {
-        tensor(F::fused_attention(float(q), float(k), float(v), causal, true).0)
-    }
-    type Qkv<F> = (Tensor<F, 4>, Tensor<F, 4>, Tensor<F, 4>);
-    let parts = (q, k, v);
-    let parts = match on_parts::<_, Qkv<Flex>, Tensor<B, 3>, _>(parts, |p| run(p, causal)) {
-        Ok(y) => return y,
-        Err(p) => p,
-    };
-    match on_parts::<_, Qkv<Autodiff<Flex>>, Tensor<B, 3>, _>(parts, |p| run(p, causal)) {
-        Ok(y) => y,
-        Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
-    }
+    fused_attention_on(q, k, v, causal, true)
 }
 
 /// Attention from matmuls and the given softmax (the fused one, or burn's for tests).

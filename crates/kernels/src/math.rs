@@ -144,7 +144,18 @@ impl MulAdd for Separate {
 /// stays finite).
 #[inline(always)]
 pub fn exp<M: MulAdd>(x: f32) -> f32 {
-    let xc = x.clamp(EXP_LO, EXP_HI);
+    let (p, ni) = exp_parts::<M>(x.clamp(EXP_LO, EXP_HI));
+    // 2^(n-1), then times 2: 2^128 itself is not a finite f32.
+    let half_scale = f32::from_bits(((ni + 126) << 23) as u32);
+    let y = (p * half_scale) * 2.0;
+    let y = select(x > EXP_HI, f32::INFINITY, y);
+    let y = select(x < EXP_LO, 0.0, y);
+    select(x.is_nan(), x, y)
+}
+
+/// e^xc = p · 2^n for xc in [EXP_LO, EXP_HI]: `(p, n)`, p = e^r by the polynomial.
+#[inline(always)]
+fn exp_parts<M: MulAdd>(xc: f32) -> (f32, i32) {
     let k = xc * LOG2E + ROUNDER;
     let n = k - ROUNDER;
     // n as an integer, read from k's mantissa (k = 1.5 · 2^23 + n): a float-to-int cast
@@ -158,12 +169,7 @@ pub fn exp<M: MulAdd>(x: f32) -> f32 {
     let p = M::fma(p, r, 0.5);
     let p = M::fma(p, r, 1.0);
     let p = M::fma(p, r, 1.0);
-    // 2^(n-1), then times 2: 2^128 itself is not a finite f32.
-    let half_scale = f32::from_bits(((ni + 126) << 23) as u32);
-    let y = (p * half_scale) * 2.0;
-    let y = select(x > EXP_HI, f32::INFINITY, y);
-    let y = select(x < EXP_LO, 0.0, y);
-    select(x.is_nan(), x, y)
+    (p, ni)
 }
 
 /// e^x for x ≤ 0 where only the absolute value matters (the Gaussian factors of erf
@@ -172,18 +178,7 @@ pub fn exp<M: MulAdd>(x: f32) -> f32 {
 /// through another factor (they do: every caller multiplies by a term of x).
 #[inline(always)]
 fn exp_gauss<M: MulAdd>(x: f32) -> f32 {
-    let xc = if x > EXP_LO { x } else { EXP_LO };
-    let k = xc * LOG2E + ROUNDER;
-    let n = k - ROUNDER;
-    let ni = (k.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    let r = M::fma(-n, LN2_LO, M::fma(-n, LN2_HI, xc));
-    let p = 1.0 / 720.0;
-    let p = M::fma(p, r, 1.0 / 120.0);
-    let p = M::fma(p, r, 1.0 / 24.0);
-    let p = M::fma(p, r, 1.0 / 6.0);
-    let p = M::fma(p, r, 0.5);
-    let p = M::fma(p, r, 1.0);
-    let p = M::fma(p, r, 1.0);
+    let (p, ni) = exp_parts::<M>(if x > EXP_LO { x } else { EXP_LO });
     // n ≤ 0 here, so 2^n is a normal f32 built in the exponent bits directly.
     p * f32::from_bits(((ni + 127) << 23) as u32)
 }
