@@ -160,32 +160,30 @@ pub fn backward(
         "layer norm: one (μ, r) per row"
     );
     let level = level();
-    let mut dgb = Vec::new();
-    // Every dx value is written (each row whole). Each task adds its rows' dγ and dβ
-    // into its own buffer; the buffers are summed.
+    // Every dx value is written (each row whole). Each task of ROWS rows adds its rows'
+    // dγ and dβ into its own buffer, and the buffers are summed in task order, so the
+    // result does not depend on how the threads shared the tasks (a rayon `fold` would
+    // sum in whatever order the work was stolen, and runs would differ in the last bits).
+    let mut partials = Vec::new();
     let dx = fill_new(x.len(), |dx| {
-        dgb = dx
+        partials = dx
             .par_chunks_mut(ROWS * d)
             .zip(x.par_chunks(ROWS * d))
             .zip(g.par_chunks(ROWS * d))
             .zip(stats.par_chunks(ROWS * 2))
-            .fold(
-                || vec![0f32; 2 * d],
-                |mut acc, (((dx, x), g), st)| {
-                    backward_at(level, dx, &mut acc, x, g, st, gamma);
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0f32; 2 * d],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(&b) {
-                        *x += y;
-                    }
-                    a
-                },
-            );
+            .map(|(((dx, x), g), st)| {
+                let mut acc = vec![0f32; 2 * d];
+                backward_at(level, dx, &mut acc, x, g, st, gamma);
+                acc
+            })
+            .collect::<Vec<_>>();
     });
+    let mut dgb = vec![0f32; 2 * d];
+    for part in &partials {
+        for (x, y) in dgb.iter_mut().zip(part) {
+            *x += y;
+        }
+    }
     let (dgamma, dbeta) = dgb.split_at(d);
     (dx, dgamma.to_vec(), dbeta.to_vec())
 }
