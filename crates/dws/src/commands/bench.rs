@@ -256,6 +256,23 @@ fn random_clips(batch: usize, len: usize, rng: &mut ChaCha8Rng) -> dws_data::Cli
     }
 }
 
+/// Runs `measure` with burn's own operations and then with the fused kernels (only the
+/// latter with `fused_only`), in the same process; the kernels are on again afterwards,
+/// whatever `measure` returned.
+pub(super) fn burn_then_fused(
+    fused_only: bool,
+    mut measure: impl FnMut(bool) -> Result<()>,
+) -> Result<()> {
+    let passes: &[bool] = if fused_only { &[true] } else { &[false, true] };
+    for &fused in passes {
+        dws_kernels::set_enabled(fused);
+        let done = measure(fused);
+        dws_kernels::set_enabled(true);
+        done?;
+    }
+    Ok(())
+}
+
 struct TrainBench {
     preset: String,
     steps: usize,
@@ -266,15 +283,8 @@ struct TrainBench {
 impl crate::device::Job for TrainBench {
     type Out = ();
     fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Result<()> {
-        // Burn's own operations first, then the fused kernels, in the same run.
         let mut means = Vec::new();
-        let passes: &[bool] = if self.fused_only {
-            &[true]
-        } else {
-            &[false, true]
-        };
-        for &fused in passes {
-            dws_kernels::set_enabled(fused);
+        burn_then_fused(self.fused_only, |fused| {
             let mean = if self.ar {
                 self.time_ar_steps::<B>(&device)?
             } else {
@@ -287,8 +297,8 @@ impl crate::device::Job for TrainBench {
                 "ms",
             );
             means.push(mean);
-        }
-        dws_kernels::set_enabled(true);
+            Ok(())
+        })?;
         if let [burn, fused] = means[..] {
             emit(
                 &format!("train/{}/fused_speedup", self.name()),

@@ -188,26 +188,18 @@ impl crate::device::Job for StepBench {
         );
         let name = self.name();
         let mut ours = Vec::new();
-        // burn's own operations first, then the fused kernels, in the same run.
-        let passes: &[bool] = if self.fused_only {
-            &[true]
-        } else {
-            &[false, true]
-        };
-        for &fused in passes {
-            dws_kernels::set_enabled(fused);
+        super::bench::burn_then_fused(self.fused_only, |fused| {
             let secs = if self.model == "toy" {
-                self.toy_step::<B>(&device)
+                self.toy_step::<B>(&device)?
             } else {
-                self.dit_step::<B>(&device)
+                self.dit_step::<B>(&device)?
             };
-            dws_kernels::set_enabled(true);
             let which = if fused { "fused" } else { "burn" };
             let key = format!("step/{name}/{which}_ms");
-            let ms = secs? * 1e3;
-            emit(&key, ms, "ms");
-            ours.push((key, ms));
-        }
+            emit(&key, secs * 1e3, "ms");
+            ours.push((key, secs * 1e3));
+            Ok(())
+        })?;
         if let [(_, burn), (_, fused)] = ours[..] {
             emit(&format!("step/{name}/speedup"), burn / fused, "x");
         }
