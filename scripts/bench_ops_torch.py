@@ -77,11 +77,16 @@ def median_ms(run, reset):
 
 def bench(name, fn, shapes):
     """Times fn(*inputs) forward and forward+backward; `shapes` are the input shapes."""
+    bench_as(f"{name}/{'x'.join(map(str, shapes[0]))}", fn, shapes)
+
+
+def bench_as(label, fn, shapes):
+    """`bench` with the measurement's name (`ops/<label>/...`) given whole."""
     torch.manual_seed(0)
     inputs = [torch.randn(s) * 3 for s in shapes]
     with torch.no_grad():
         grad = torch.randn(fn(*inputs).shape)
-    tag = f"ops/{name}/{'x'.join(map(str, shapes[0]))}"
+    tag = f"ops/{label}"
 
     def fwd():
         with torch.no_grad():
@@ -122,6 +127,9 @@ def main():
     width = 192
     ln = lambda x, w, b: F.layer_norm(x, (width,), w, b)
     bench("layer_norm", ln, [(8, 256, width), (width,), (width,)])
+    # The toy step's linear layers on its [8, 256, 192] tokens: x, weight and bias.
+    for d_in, d_out in [(192, 576), (192, 768), (768, 192)]:
+        bench_as(f"linear/8x256x{d_in}x{d_out}", F.linear, [(8, 256, d_in), (d_out, d_in), (d_out,)])
     for name, shape, causal in ATTENTION:
         sdpa = lambda q, k, v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c)
         bench(name, sdpa, [shape] * 3)

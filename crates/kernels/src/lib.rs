@@ -18,6 +18,7 @@
 pub mod conv;
 pub mod flash;
 pub mod math;
+pub mod mm;
 pub mod norm;
 pub mod permute;
 pub mod pool;
@@ -34,6 +35,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::TensorPrimitive;
 use burn_flex::FlexTensor;
 pub use math::Unary;
+use mm::{Init, View};
 use std::any::Any;
 
 /// A backend with the fused operations. Every method acts along the whole tensor
@@ -142,6 +144,21 @@ pub trait FusedBackend: Backend {
         stats: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3];
+    /// `x · w + b` ([`mm`]) for rows `x` `[M, K]`, a weight `w` `[K, N]` (burn's `Linear`
+    /// layout) and a bias `b` `[N]`: `[M, N]`.
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// The gradients of [`FusedBackend::fused_linear`] for `x`, `w` and `b`, each computed
+    /// only where `need` asks for it.
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        need: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3];
     /// `x` with its axes permuted ([`mod@permute`]; output axis `i` is input axis
     /// `axes[i]`), contiguous.
     fn fused_permute(x: FloatTensor<Self>, axes: &[usize]) -> FloatTensor<Self>;
@@ -614,6 +631,78 @@ impl FusedBackend for Flex {
         ]
     }
 
+    fn fused_linear(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
+        let ((cx, xs), (cw, ws), (cb, _)) = (flex_f32(&x), flex_f32(&w), flex_f32(&b));
+        let ([m, k], [kw, n]) = (xs.dims::<2>(), ws.dims::<2>());
+        assert_eq!(
+            k, kw,
+            "linear: [{m}, {k}] rows against a [{kw}, {n}] weight"
+        );
+        let (x, w, b) = (
+            cx.as_slice::<f32>().expect("contiguous f32"),
+            cw.as_slice::<f32>().expect("contiguous f32"),
+            cb.as_slice::<f32>().expect("contiguous f32"),
+        );
+        let y = math::fill_new(m * n, |c| {
+            mm::matmul(
+                m,
+                n,
+                k,
+                View::rows(x, k),
+                View::rows(w, n),
+                c,
+                Init::Bias(b),
+            )
+        });
+        flex_from(y, Shape::new([m, n]))
+    }
+
+    fn fused_linear_backward(
+        x: FlexTensor,
+        w: FlexTensor,
+        grad: FlexTensor,
+        need: [bool; 3],
+    ) -> [Option<FlexTensor>; 3] {
+        let ((cx, xs), (cw, ws), (cg, _)) = (flex_f32(&x), flex_f32(&w), flex_f32(&grad));
+        let ([m, k], [_, n]) = (xs.dims::<2>(), ws.dims::<2>());
+        let (x, w, g) = (
+            cx.as_slice::<f32>().expect("contiguous f32"),
+            cw.as_slice::<f32>().expect("contiguous f32"),
+            cg.as_slice::<f32>().expect("contiguous f32"),
+        );
+        // dx = g · wᵀ, dw = xᵀ · g (both transposes read in place), db = Σ_rows g.
+        let dx = need[0].then(|| {
+            let dx = math::fill_new(m * k, |c| {
+                mm::matmul(
+                    m,
+                    k,
+                    n,
+                    View::rows(g, n),
+                    View::transposed(w, n),
+                    c,
+                    Init::Zero,
+                )
+            });
+            flex_from(dx, xs.clone())
+        });
+        let dw = need[1].then(|| {
+            let dw = math::fill_new(k * n, |c| {
+                mm::matmul(
+                    k,
+                    n,
+                    m,
+                    View::transposed(x, k),
+                    View::rows(g, n),
+                    c,
+                    Init::Zero,
+                )
+            });
+            flex_from(dw, ws.clone())
+        });
+        let db = need[2].then(|| flex_from(mm::column_sums(g, m, n), Shape::new([n])));
+        [dx, dw, db]
+    }
+
     fn fused_permute(x: FlexTensor, axes: &[usize]) -> FlexTensor {
         let (c, shape) = flex_f32(&x);
         let out = permute::permute(c.as_slice::<f32>().expect("contiguous f32"), &shape, axes);
@@ -870,6 +959,31 @@ impl<B: FusedBackend> Backward<B, 3> for LayerNormGrad {
 }
 
 #[derive(Debug)]
+struct LinearGrad;
+
+impl<B: FusedBackend> Backward<B, 3> for LinearGrad {
+    /// The rows `x` and the weight.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        let need = [0, 1, 2].map(|i| ops.parents[i].is_some());
+        let parts = B::fused_linear_backward(x, w, grad, need);
+        for (parent, g) in ops.parents.into_iter().zip(parts) {
+            if let (Some(node), Some(g)) = (parent, g) {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 struct PermuteGrad {
     /// The permutation that undoes the forward's.
     inverse: Vec<usize>,
@@ -1100,6 +1214,35 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
         _causal: bool,
         _heads_last: bool,
     ) -> [FloatTensor<Self>; 3] {
+        unimplemented!("second derivatives of the fused operations are not supported")
+    }
+
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match LinearGrad
+            .prepare::<C>([x.node.clone(), w.node.clone(), b.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_linear(x.primitive.clone(), w.primitive.clone(), b.primitive);
+                prep.finish((x.primitive, w.primitive), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::fused_linear(x.primitive, w.primitive, b.primitive))
+            }
+        }
+    }
+
+    fn fused_linear_backward(
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+        _need: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
         unimplemented!("second derivatives of the fused operations are not supported")
     }
 
@@ -1671,22 +1814,47 @@ pub fn permute<B: Backend, const D: usize>(x: Tensor<B, D>, axes: [usize; D]) ->
     }
 }
 
-/// `layer` applied to the last dimension of `x` as one matrix product over all its rows:
-/// burn's `Linear` on a `[B, L, D]` input multiplies each batch item on its own and, in
-/// the backward, makes one weight gradient per item and then sums them; flattened to
-/// `[B·L, D]` it is one product each way, which the CPU backend splits over threads.
-/// Other backends (and the CPU one with the kernels off) take `layer.forward` as it is.
+/// `layer` applied to the last dimension of `x`. On Flex it is one matrix product over
+/// all rows with the bias in the product's starting values ([`mm`]), and a backward
+/// that computes only the gradients asked for. burn's `Linear` on a `[B, L, D]` input
+/// multiplies each batch item on its own, adds the bias by a broadcast addition that
+/// costs half as much as the product, and in the backward makes one weight gradient
+/// per item and then sums them. Other backends (and the CPU one with the kernels off)
+/// take `layer.forward` as it is.
 pub fn linear<B: Backend, const D: usize>(
     layer: &burn::nn::Linear<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    if D <= 2 || path::<B>() != Path::Fused {
+    if path::<B>() != Path::Fused || !is_float(&x) {
         return layer.forward(x);
     }
     let mut dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
-    let y = layer.forward(x.reshape([rows, dims[D - 1]]));
-    dims[D - 1] = y.dims()[1];
+    let w = layer.weight.val();
+    let [d_in, d_out] = w.dims();
+    assert_eq!(
+        dims[D - 1],
+        d_in,
+        "linear: inputs of width {} into a layer of {d_in} inputs",
+        dims[D - 1]
+    );
+    let b = match &layer.bias {
+        Some(b) => b.val(),
+        None => Tensor::zeros([d_out], &w.device()),
+    };
+    fn run<F: FusedBackend>((x, w, b): Parts<F>) -> Tensor<F, 2> {
+        tensor(F::fused_linear(float(x), float(w), float(b)))
+    }
+    type Parts<F> = (Tensor<F, 2>, Tensor<F, 2>, Tensor<F, 1>);
+    let parts = (x.reshape([rows, d_in]), w, b);
+    let y = match on_parts::<_, Parts<Flex>, Tensor<B, 2>, _>(parts, run) {
+        Ok(y) => y,
+        Err(parts) => match on_parts::<_, Parts<Autodiff<Flex>>, Tensor<B, 2>, _>(parts, run) {
+            Ok(y) => y,
+            Err(_) => unreachable!("the fused path runs on Flex or Autodiff<Flex> only"),
+        },
+    };
+    dims[D - 1] = d_out;
     y.reshape(dims)
 }
 

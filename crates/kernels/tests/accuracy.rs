@@ -821,3 +821,155 @@ fn rotary_positions_match_burns_rotary_encoding_and_their_gradients_burns_ops() 
     };
     assert!(max_gap(grads(true), grads(false)) < 1e-5);
 }
+
+#[test]
+fn linear_and_its_gradients_equal_burns() {
+    use burn::module::Param;
+    use burn::nn::LinearConfig;
+    // (input dims, outputs, bias): the toy step's rows (split over threads by rows in
+    // the forward, by k in the weight gradient), a long reduction with narrow outputs, a
+    // small product done on one thread, a 2-D and a 4-D input, and no bias.
+    let cases: [(&[usize], usize, bool); 6] = [
+        (&[8, 256, 192], 576, true),
+        (&[2, 1024, 64], 48, true),
+        (&[3, 5, 7], 9, true),
+        (&[40, 33], 17, true),
+        (&[2, 3, 4, 24], 40, true),
+        (&[6, 50, 30], 70, false),
+    ];
+    for (dims, d_out, bias) in cases {
+        let d_in = *dims.last().unwrap();
+        let mut layer = LinearConfig::new(d_in, d_out)
+            .with_bias(bias)
+            .init::<A>(&Default::default());
+        layer.weight = Param::from_tensor(random::<A, 2>([d_in, d_out], 1.0, 97));
+        if bias {
+            layer.bias = Some(Param::from_tensor(random::<A, 1>([d_out], 1.0, 98)));
+        }
+        let what = format!("{dims:?} into {d_out} (bias {bias})");
+        // Through rank-erased helpers: the cases differ in rank.
+        macro_rules! check {
+            ($rank:literal) => {{
+                let shape: [usize; $rank] = dims.try_into().unwrap();
+                let x = random::<Flex, $rank>(shape, 1.0, 99);
+                let mut out_shape = shape;
+                out_shape[$rank - 1] = d_out;
+                let w = random::<A, $rank>(out_shape, 1.0, 100);
+                let run = |fused: bool| {
+                    let xa = Tensor::<A, $rank>::from_inner(x.clone()).require_grad();
+                    let y = if fused {
+                        dws_kernels::linear(&layer, xa.clone())
+                    } else {
+                        layer.forward(xa.clone())
+                    };
+                    let g = (y.clone() * w.clone()).sum().backward();
+                    let dw = layer.weight.val().grad(&g).unwrap();
+                    let db = layer.bias.as_ref().map(|b| b.val().grad(&g).unwrap());
+                    (y.inner(), xa.grad(&g).unwrap(), dw, db)
+                };
+                let (f, r) = (run(true), run(false));
+                // Sums over k = d_in terms forward, d_out for dx, the rows for dw, db.
+                let rows = (x.dims().iter().product::<usize>() / d_in) as f32;
+                let gap = max_gap(f.0, r.0);
+                assert!(gap < 1e-5 * d_in as f32, "{what}: outputs differ by {gap}");
+                let gap = max_gap(f.1, r.1);
+                assert!(
+                    gap < 1e-5 * d_out as f32,
+                    "{what}: x gradients differ by {gap}"
+                );
+                let gap = max_gap(f.2, r.2);
+                assert!(
+                    gap < 1e-5 * rows,
+                    "{what}: weight gradients differ by {gap}"
+                );
+                match (f.3, r.3) {
+                    (Some(fb), Some(rb)) => {
+                        let gap = max_gap(fb, rb);
+                        assert!(gap < 1e-5 * rows, "{what}: bias gradients differ by {gap}");
+                    }
+                    (None, None) => {}
+                    _ => panic!("{what}: one path has a bias gradient, the other not"),
+                }
+                // Without autodiff (inference) the same values.
+                let inner = layer.valid();
+                let gap = max_gap(
+                    dws_kernels::linear(&inner, x.clone()),
+                    inner.forward(x.clone()),
+                );
+                assert!(
+                    gap < 1e-5 * d_in as f32,
+                    "{what}: inference outputs differ by {gap}"
+                );
+            }};
+        }
+        match dims.len() {
+            2 => check!(2),
+            3 => check!(3),
+            4 => check!(4),
+            _ => unreachable!(),
+        }
+    }
+}
+
+#[test]
+fn matrix_products_match_f64_for_every_start_and_layout() {
+    use dws_kernels::mm::{column_sums, matmul, Init, View};
+    let mut rng = ChaCha8Rng::seed_from_u64(101);
+    // Serial, split by rows, split by k (a long reduction); transposed operands.
+    for (m, n, k) in [(5, 7, 3), (300, 130, 200), (64, 96, 3000), (1, 1, 1)] {
+        for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let c0: Vec<f32> = (0..m * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            // Element (i, p) of A and (p, j) of B as stored.
+            let av = if at {
+                View::transposed(&a, m)
+            } else {
+                View::rows(&a, k)
+            };
+            let bv = if bt {
+                View::transposed(&b, k)
+            } else {
+                View::rows(&b, n)
+            };
+            let a_at = |i: usize, p: usize| if at { a[p * m + i] } else { a[i * k + p] };
+            let b_at = |p: usize, j: usize| if bt { b[j * k + p] } else { b[p * n + j] };
+            for start in 0..3 {
+                let mut c = c0.clone();
+                let init = match start {
+                    0 => Init::Zero,
+                    1 => Init::Bias(&bias),
+                    _ => Init::Accumulate,
+                };
+                let slots = unsafe {
+                    // SAFETY: MaybeUninit<f32> has f32's layout; every value is initialised.
+                    &mut *(c.as_mut_slice() as *mut [f32] as *mut [std::mem::MaybeUninit<f32>])
+                };
+                matmul(m, n, k, av, bv, slots, init);
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut want: f64 =
+                            (0..k).map(|p| a_at(i, p) as f64 * b_at(p, j) as f64).sum();
+                        want += match start {
+                            0 => 0.0,
+                            1 => bias[j] as f64,
+                            _ => c0[i * n + j] as f64,
+                        };
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5 * (k as f64).sqrt() + 1e-6,
+                            "{m}x{k}x{n} at {at} bt {bt} start {start}: ({i}, {j}) {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let g: Vec<f32> = (0..700 * 9).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let sums = column_sums(&g, 700, 9);
+    for (j, &s) in sums.iter().enumerate() {
+        let want: f64 = (0..700).map(|i| g[i * 9 + j] as f64).sum();
+        assert!((s as f64 - want).abs() < 1e-4, "column {j}: {s} vs {want}");
+    }
+}

@@ -260,6 +260,58 @@ fn measure_layer_norm<B: AutodiffBackend>(
     Ok(())
 }
 
+/// The linear layers of the DESIGN "Backends" toy step on its `[8, 256, 192]` tokens
+/// (the fused attention's input projection, the MLP's two layers): `Linear::forward`
+/// on the 3-D input (a matrix product per batch item) against `dws_kernels::linear`
+/// (one product over the flattened rows); forward+backward takes the gradients of the
+/// input, the weight and the bias. These are matrix products, where the kernels crate
+/// calls the `gemm` crate rather than a kernel of its own.
+fn measure_linear<B: AutodiffBackend>(
+    [d_in, d_out]: [usize; 2],
+    seconds: f64,
+    device: &B::Device,
+    out: &mut Vec<(String, f64)>,
+) -> Result<()> {
+    let shape = [8, 256, d_in];
+    let base = format!("ops/linear/{}x{d_out}", shape_name(&shape));
+    let layer = burn::nn::LinearConfig::new(d_in, d_out).init::<B>(device);
+    let inner = layer.valid();
+    let x = random::<B::InnerBackend, 3>(shape, device);
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"));
+    let fwd = |fused: bool| {
+        time_ms(seconds, || {
+            let y = if fused {
+                dws_kernels::linear(&inner, x.clone())
+            } else {
+                inner.forward(x.clone())
+            };
+            drop(y);
+            let _ = sync();
+        })
+    };
+    let fwdbwd = |fused: bool| {
+        time_ms(seconds, || {
+            let xa = Tensor::<B, 3>::from_inner(x.clone()).require_grad();
+            let y = if fused {
+                dws_kernels::linear(&layer, xa.clone())
+            } else {
+                layer.forward(xa.clone())
+            };
+            let grads = y.backward();
+            let _ = xa.grad(&grads);
+            let _ = layer.weight.val().grad(&grads);
+            let _ = sync();
+        })
+    };
+    let results = [
+        ("fwd", fwd(false), fwd(true)),
+        ("fwdbwd", fwdbwd(false), fwdbwd(true)),
+    ];
+    sync()?;
+    record(&base, &results, out);
+    Ok(())
+}
+
 /// Prints and keeps each pass's times and their ratio.
 fn record(base: &str, results: &[(&str, f64, f64)], out: &mut Vec<(String, f64)>) {
     for &(pass, b, f) in results {
@@ -289,6 +341,9 @@ impl crate::device::Job for OpsBench {
         }
         if !self.quick {
             measure_layer_norm::<B>(s, &device, &mut out)?;
+            for dims in [[192, 576], [192, 768], [768, 192]] {
+                measure_linear::<B>(dims, s, &device, &mut out)?;
+            }
         }
         let shapes: &[([usize; 4], bool)] = if self.quick {
             &[([8, 6, 256, 32], false)]
