@@ -826,9 +826,9 @@ fn rotary_positions_match_burns_rotary_encoding_and_their_gradients_burns_ops() 
 fn linear_and_its_gradients_equal_burns() {
     use burn::module::Param;
     use burn::nn::LinearConfig;
-    // (input dims, outputs, bias): the toy step's rows (split over threads by rows in
-    // the forward, by k in the weight gradient), a long reduction with narrow outputs, a
-    // small product done on one thread, a 2-D and a 4-D input, and no bias.
+    // (input dims, outputs, bias): the toy step's rows (products split over threads),
+    // a long reduction with narrow outputs, a small product done on one thread, a 2-D
+    // and a 4-D input, and no bias.
     let cases: [(&[usize], usize, bool); 6] = [
         (&[8, 256, 192], 576, true),
         (&[2, 1024, 64], 48, true),
@@ -915,7 +915,7 @@ fn linear_and_its_gradients_equal_burns() {
 fn matrix_products_match_f64_for_every_start_and_layout() {
     use dws_kernels::mm::{column_sums, matmul, Init, View};
     let mut rng = ChaCha8Rng::seed_from_u64(101);
-    // Serial, split by rows, split by k (a long reduction); transposed operands.
+    // On one thread, split by rows, a long reduction; transposed operands.
     for (m, n, k) in [(5, 7, 3), (300, 130, 200), (64, 96, 3000), (1, 1, 1)] {
         for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
