@@ -139,17 +139,18 @@ impl<'a> Operand<'a> {
     }
 }
 
-/// `scores[r, j] = s · q_r · k_j`, masked (−∞) where key `j0 + j` is after query `i0 + r`;
-/// `q`'s rows are `rq` apart, `kt` is the key tile transposed (`[d, bk]`).
+/// `scores[r, j] = q_r · k_j` (unscaled: the softmax applies the scale), masked (−∞)
+/// where key `j0 + j` is after query `i0 + r`;
+/// `q`'s rows are `rq` apart, `kt` is the key tile transposed (`[d, bk]`, rows `rk`
+/// apart).
 #[allow(clippy::too_many_arguments)]
 fn scores(
     dst: &mut [f32],
     (q, rq): (&[f32], usize),
-    kt: &[f32],
+    (kt, rk): (&[f32], usize),
     (bq, bk, d): (usize, usize, usize),
     (i0, j0): (usize, usize),
     causal: bool,
-    scale: f32,
 ) {
     matmul(
         bq,
@@ -161,40 +162,27 @@ fn scores(
         q,
         (rq, 1),
         kt,
-        bk,
+        rk,
     );
-    scale_mask_at(level(), &mut dst[..bq * bk], bk, (i0, j0), causal, scale);
-}
-
-// `multiversion!` hands every body the MulAdd type; these need none.
-#[allow(clippy::extra_unused_type_parameters)]
-#[inline(always)]
-fn scale_mask_generic<M: MulAdd>(
-    s: &mut [f32],
-    bk: usize,
-    (i0, j0): (usize, usize),
-    causal: bool,
-    scale: f32,
-) {
-    for (r, row) in s.chunks_exact_mut(bk).enumerate() {
-        for x in row.iter_mut() {
-            *x *= scale;
-        }
-        if causal {
-            // Keys j0 + j > i0 + r are in the future.
-            let first_masked = (i0 + r + 1).saturating_sub(j0).min(bk);
-            row[first_masked..].fill(f32::NEG_INFINITY);
-        }
+    if causal {
+        mask(&mut dst[..bq * bk], bk, (i0, j0));
     }
 }
-multiversion!(scale_mask_generic, scale_mask_at, (s: &mut [f32], bk: usize, at: (usize, usize), causal: bool, scale: f32));
+
+/// −∞ at the scores `[.., bk]` of keys `j0 + j` after query `i0 + r` (the future).
+fn mask(s: &mut [f32], bk: usize, (i0, j0): (usize, usize)) {
+    for (r, row) in s.chunks_exact_mut(bk).enumerate() {
+        let first_masked = (i0 + r + 1).saturating_sub(j0).min(bk);
+        row[first_masked..].fill(f32::NEG_INFINITY);
+    }
+}
 
 /// Lanes of the row reductions (separate accumulators, so they vectorise).
 const LANES: usize = 16;
 
-/// Folds one tile of scores `[bq, bk]` into the running softmax of its rows: turns the
-/// scores into `e^(s - m)` with each row's new running max `m`, rescales the rows'
-/// sums and outputs `o` `[bq, dv]` to that max.
+/// Folds one tile of unscaled scores `[bq, bk]` into the running softmax of its rows:
+/// turns the scores into `e^((s - m) · scale)` with each row's new running max `m` (of
+/// the unscaled scores), rescales the rows' sums and outputs `o` `[bq, dv]` to that max.
 #[inline(always)]
 fn online_softmax_generic<M: MulAdd>(
     sc: &mut [f32],
@@ -202,21 +190,25 @@ fn online_softmax_generic<M: MulAdd>(
     m: &mut [f32],
     sum: &mut [f32],
     o: &mut [f32],
+    scale: f32,
 ) {
     let dv = o.len() / m.len();
     for (r, row) in sc.chunks_exact_mut(bk).enumerate() {
         let mut acc = [f32::NEG_INFINITY; LANES];
         let mut chunks = row.chunks_exact(LANES);
+        // A NaN, once seen, stays (`x > NaN` is false): the row's maximum is then NaN
+        // and so is the whole row, as the formula gives.
+        let pick = |a: f32, b: f32| if a > b || a.is_nan() { a } else { b };
         for c in &mut chunks {
             for i in 0..LANES {
-                acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+                acc[i] = pick(c[i], acc[i]);
             }
         }
-        let mut tile_max = fold_lanes(acc, |a, b| if a > b { a } else { b });
+        let mut tile_max = fold_lanes(acc, &pick);
         for &v in chunks.remainder() {
-            tile_max = if v > tile_max { v } else { tile_max };
+            tile_max = pick(v, tile_max);
         }
-        let m_new = if tile_max > m[r] { tile_max } else { m[r] };
+        let m_new = pick(tile_max, m[r]);
         if m_new == f32::NEG_INFINITY {
             // Nothing visible yet: the row adds nothing.
             row.fill(0.0);
@@ -226,17 +218,17 @@ fn online_softmax_generic<M: MulAdd>(
         let n = row.len() / LANES * LANES;
         for c in row[..n].chunks_exact_mut(LANES) {
             for i in 0..LANES {
-                let e = exp::<M>(c[i] - m_new);
+                let e = exp::<M>((c[i] - m_new) * scale);
                 c[i] = e;
                 acc[i] += e;
             }
         }
         let mut row_sum = fold_lanes(acc, |a, b| a + b);
         for x in &mut row[n..] {
-            *x = exp::<M>(*x - m_new);
+            *x = exp::<M>((*x - m_new) * scale);
             row_sum += *x;
         }
-        let alpha = exp::<M>(m[r] - m_new);
+        let alpha = exp::<M>((m[r] - m_new) * scale);
         sum[r] = sum[r] * alpha + row_sum;
         if alpha != 1.0 {
             for x in &mut o[r * dv..(r + 1) * dv] {
@@ -246,23 +238,190 @@ fn online_softmax_generic<M: MulAdd>(
         m[r] = m_new;
     }
 }
-multiversion!(online_softmax_generic, online_softmax_at, (sc: &mut [f32], bk: usize, m: &mut [f32], sum: &mut [f32], o: &mut [f32]));
+multiversion!(online_softmax_generic, online_softmax_on, (sc: &mut [f32], bk: usize, m: &mut [f32], sum: &mut [f32], o: &mut [f32], scale: f32));
 
-/// Probabilities `e^(s - lse)` of a tile of scores `[bq, bk]` from each row's log-sum-exp
-/// (0 for a row that sees no key).
+/// [`online_softmax_generic`] at this CPU's best level.
+fn online_softmax(
+    sc: &mut [f32],
+    bk: usize,
+    m: &mut [f32],
+    sum: &mut [f32],
+    o: &mut [f32],
+    scale: f32,
+) {
+    let level = level();
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 {
+        // SAFETY: `level()` found AVX-512 on this CPU.
+        return unsafe { avx512::online_softmax(sc, bk, m, sum, o, scale) };
+    }
+    online_softmax_on(level, sc, bk, m, sum, o, scale)
+}
+
+/// Probabilities `e^(s · scale - lse)` of a tile of unscaled scores `[bq, bk]` from each
+/// row's log-sum-exp (0 for a row that sees no key).
 #[inline(always)]
-fn probs_generic<M: MulAdd>(p: &mut [f32], bk: usize, lse: &[f32]) {
+fn probs_generic<M: MulAdd>(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
     for (row, &l) in p.chunks_exact_mut(bk).zip(lse) {
         if l == f32::NEG_INFINITY {
             row.fill(0.0);
         } else {
             for x in row.iter_mut() {
-                *x = exp::<M>(*x - l);
+                *x = exp::<M>(M::fma(*x, scale, -l));
             }
         }
     }
 }
-multiversion!(probs_generic, probs_at, (p: &mut [f32], bk: usize, lse: &[f32]));
+multiversion!(probs_generic, probs_on, (p: &mut [f32], bk: usize, lse: &[f32], scale: f32));
+
+/// [`probs_generic`] at this CPU's best level.
+fn probs(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
+    let level = level();
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 {
+        // SAFETY: `level()` found AVX-512 on this CPU.
+        return unsafe { avx512::probs(p, bk, lse, scale) };
+    }
+    probs_on(level, p, bk, lse, scale)
+}
+
+/// The softmax exponentials with AVX-512 instructions: `e^t` as `2^(t · log2 e)` with
+/// the integer part rounded off (`vrndscaleps`), `2^f` on `|f| ≤ ½` by its degree-6
+/// Taylor polynomial (relative error below 1.3e-7) and the power of two applied by
+/// `vscalefps`; exactly 0 below 2^-126 (masked scores included: no subnormal results,
+/// whose microcode assists made causal attention twice as slow), NaN carried: about 12
+/// instructions per 16 values where the portable [`exp`] takes about 28 (its range
+/// selects and bit tricks).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// `2^t` per lane (see the module).
+    #[inline(always)]
+    unsafe fn exp2(t: __m512) -> __m512 {
+        // SAFETY: the caller enabled AVX-512.
+        unsafe {
+            // Results below 2^-126 would be subnormal, which costs a microcode assist
+            // per vector: those lanes give 0 (t ≤ −126, masked scores included), NaN
+            // lanes stay in (the comparison is true when unordered).
+            let normal = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(t, _mm512_set1_ps(-126.0));
+            // max(lo, t): t when t is NaN (the second operand wins), so NaN carries on.
+            let t = _mm512_max_ps(_mm512_set1_ps(-127.0), t);
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+            let f = _mm512_sub_ps(t, n);
+            // 2^f = Σ (f ln 2)^i / i!, i ≤ 6.
+            const C: [f32; 7] = [
+                1.0,
+                std::f32::consts::LN_2,
+                0.240_226_5,
+                0.055_504_11,
+                0.009_618_129,
+                0.001_333_355_8,
+                0.000_154_035_3,
+            ];
+            let mut p = _mm512_set1_ps(C[6]);
+            for &c in C[..6].iter().rev() {
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+            }
+            _mm512_maskz_scalef_ps(normal, p, n)
+        }
+    }
+
+    /// Lanes `0..n` set.
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as __mmask16
+    }
+
+    /// [`super::online_softmax_generic`] with [`exp2`].
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    pub(super) unsafe fn online_softmax(
+        sc: &mut [f32],
+        bk: usize,
+        m: &mut [f32],
+        sum: &mut [f32],
+        o: &mut [f32],
+        scale: f32,
+    ) {
+        let dv = o.len() / m.len();
+        let k = scale * std::f32::consts::LOG2_E;
+        // SAFETY: every load and store below is masked to the row's `bk` values.
+        unsafe {
+            for (r, row) in sc.chunks_exact_mut(bk).enumerate() {
+                let ptr = row.as_mut_ptr();
+                let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+                let mut nan: __mmask16 = 0;
+                for j in (0..bk).step_by(16) {
+                    let x = _mm512_mask_loadu_ps(acc, lanes(bk - j), ptr.add(j));
+                    nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+                    acc = _mm512_max_ps(acc, x);
+                }
+                // A NaN score makes the row's maximum NaN, so the whole row is NaN
+                // (as the formula gives) rather than skipped as unseen.
+                let tile_max = if nan != 0 {
+                    f32::NAN
+                } else {
+                    _mm512_reduce_max_ps(acc)
+                };
+                let m_new = if tile_max > m[r] || tile_max.is_nan() {
+                    tile_max
+                } else {
+                    m[r]
+                };
+                if m_new == f32::NEG_INFINITY {
+                    // Nothing visible yet: the row adds nothing.
+                    row.fill(0.0);
+                    continue;
+                }
+                // e^((x − m) · scale) = 2^(x · k − m · k).
+                let (kv, shift) = (_mm512_set1_ps(k), _mm512_set1_ps(-m_new * k));
+                let mut total = _mm512_setzero_ps();
+                for j in (0..bk).step_by(16) {
+                    let mask = lanes(bk - j);
+                    let x = _mm512_maskz_loadu_ps(mask, ptr.add(j));
+                    let e = exp2(_mm512_fmadd_ps(x, kv, shift));
+                    _mm512_mask_storeu_ps(ptr.add(j), mask, e);
+                    total = _mm512_mask_add_ps(total, mask, total, e);
+                }
+                let alpha = (m[r] - m_new) * k;
+                let alpha = _mm512_cvtss_f32(exp2(_mm512_set1_ps(alpha)));
+                sum[r] = sum[r] * alpha + _mm512_reduce_add_ps(total);
+                if alpha != 1.0 {
+                    for x in &mut o[r * dv..(r + 1) * dv] {
+                        *x *= alpha;
+                    }
+                }
+                m[r] = m_new;
+            }
+        }
+    }
+
+    /// [`super::probs_generic`] with [`exp2`].
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    pub(super) unsafe fn probs(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
+        let k = scale * std::f32::consts::LOG2_E;
+        // SAFETY: every load and store below is masked to the row's `bk` values.
+        unsafe {
+            for (row, &l) in p.chunks_exact_mut(bk).zip(lse) {
+                if l == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
+                }
+                let ptr = row.as_mut_ptr();
+                let (kv, shift) = (
+                    _mm512_set1_ps(k),
+                    _mm512_set1_ps(-l * std::f32::consts::LOG2_E),
+                );
+                for j in (0..bk).step_by(16) {
+                    let mask = lanes(bk - j);
+                    let x = _mm512_maskz_loadu_ps(mask, ptr.add(j));
+                    let e = exp2(_mm512_fmadd_ps(x, kv, shift));
+                    _mm512_mask_storeu_ps(ptr.add(j), mask, e);
+                }
+            }
+        }
+    }
+}
 
 /// `ds = p ⊙ (dp − delta) · scale`, into `dp`.
 // `multiversion!` hands every body the MulAdd type; these need none.
@@ -288,6 +447,16 @@ pub fn forward(s: AttnShape, q: Operand, k: Operand, v: Operand) -> (Vec<f32>, V
         return (out, lse);
     }
     let scale = s.scale();
+    // Every head's keys transposed once (`[B, H, d, Lk]`), for the score products of
+    // all its query tiles.
+    let lk = s.lk;
+    let mut kt_all = vec![0f32; s.batch * heads * d * lk];
+    kt_all
+        .par_chunks_mut(d * lk)
+        .enumerate()
+        .for_each(|(bh, kt)| {
+            transpose(kt, k.rows(bh / heads, bh % heads, 0), lk, d, k.layout.row);
+        });
     // One task per (batch item, query tile): its rows of `out` and `lse`, all heads.
     let mut jobs: Vec<(usize, usize, &mut [f32], &mut [f32])> = Vec::new();
     for (b, (ob, lb)) in out
@@ -304,35 +473,34 @@ pub fn forward(s: AttnShape, q: Operand, k: Operand, v: Operand) -> (Vec<f32>, V
         }
     }
     jobs.into_par_iter().for_each_init(
-        || (vec![0f32; BQ * BK], vec![0f32; BQ * dv], vec![0f32; BK * d]),
-        |(sc, acc, kt), (b, i0, o, l)| {
+        || (vec![0f32; BQ * BK], vec![0f32; BQ * dv]),
+        |(sc, acc), (b, i0, o, l)| {
             let bq = l.len() / heads;
             let end = s.key_end(i0, bq);
             for h in 0..heads {
                 let acc = &mut acc[..bq * dv];
                 acc.fill(0.0);
                 let qg = q.rows(b, h, i0);
+                let kt = &kt_all[(b * heads + h) * d * lk..(b * heads + h + 1) * d * lk];
                 let mut m = [f32::NEG_INFINITY; BQ];
                 let mut sum = [0f32; BQ];
                 for j0 in (0..end).step_by(BK) {
                     let bk = BK.min(end - j0);
-                    transpose(kt, k.rows(b, h, j0), bk, d, k.layout.row);
                     scores(
                         sc,
                         (qg, q.layout.row),
-                        kt,
+                        (&kt[j0..], lk),
                         (bq, bk, d),
                         (i0, j0),
                         s.causal,
-                        scale,
                     );
-                    online_softmax_at(
-                        level(),
+                    online_softmax(
                         &mut sc[..bq * bk],
                         bk,
                         &mut m[..bq],
                         &mut sum[..bq],
                         acc,
+                        scale,
                     );
                     // acc += p [bq, bk] · v [bk, dv]
                     matmul(
@@ -351,12 +519,13 @@ pub fn forward(s: AttnShape, q: Operand, k: Operand, v: Operand) -> (Vec<f32>, V
                 for r in 0..bq {
                     let dst = &mut o[r * row + h * dv..r * row + (h + 1) * dv];
                     let src = &acc[r * dv..(r + 1) * dv];
-                    if sum[r] > 0.0 {
+                    // A row that saw no key sums to 0; NaN scores make a NaN sum, carried on.
+                    if sum[r] != 0.0 {
                         let inv = 1.0 / sum[r];
                         for (x, &a) in dst.iter_mut().zip(src) {
                             *x = a * inv;
                         }
-                        l[r * heads + h] = m[r] + sum[r].ln();
+                        l[r * heads + h] = m[r] * scale + sum[r].ln();
                     } else {
                         dst.fill(0.0);
                         l[r * heads + h] = f32::NEG_INFINITY;
@@ -486,13 +655,12 @@ pub fn backward(
                         scores(
                             &mut p,
                             (&qg[i0 * rq..], rq),
-                            &kt,
+                            (&kt, bk),
                             (bq, bk, d),
                             (i0, j0),
                             s.causal,
-                            scale,
                         );
-                        probs_at(level(), &mut p[..bq * bk], bk, &lse_h[i0..i0 + bq]);
+                        probs(&mut p[..bq * bk], bk, &lse_h[i0..i0 + bq], scale);
                         let p = &p[..bq * bk];
                         let gi = &gg[i0 * row..];
                         // dv_t [bk, dv] += pᵀ [bk, bq] · dO [bq, dv]

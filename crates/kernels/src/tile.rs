@@ -1,7 +1,7 @@
 //! Small matrix products of the flash-attention tiles (`[64, 32..64] · [32..64, 64]` and
 //! the like), register-tiled for AVX-512: `gemm` packs both operands on every call, which
-//! costs as much as the product itself at these sizes. Widths other than 32 and 64, and
-//! CPUs without AVX-512, go through `gemm` (`conv::matmul`).
+//! costs as much as the product itself at these sizes. Widths other than 32 and
+//! multiples of 64, and CPUs without AVX-512, go through `gemm` (`conv::matmul`).
 
 use crate::math::{level, Level};
 
@@ -23,7 +23,7 @@ pub(crate) fn matmul(
     if m == 0 || n == 0 {
         return;
     }
-    let fast = level() == Level::Avx512 && (n == 32 || n == 64) && k > 0;
+    let fast = level() == Level::Avx512 && (n == 32 || n.is_multiple_of(64)) && k > 0;
     if !fast {
         let out = crate::math::as_out(dst);
         crate::conv::matmul(
@@ -69,6 +69,7 @@ pub(crate) fn matmul(
     unreachable!("AVX-512 is an x86-64 level");
 }
 
+#[derive(Clone, Copy)]
 struct Args<'a> {
     k: usize,
     a: &'a [f32],
@@ -86,14 +87,22 @@ unsafe fn avx512(m: usize, n: usize, args: &Args, dst: &mut [f32]) {
     // 24 accumulator registers: 6 rows of 64 (4 vectors) or 12 rows of 32 (2 vectors).
     // SAFETY: the caller's bounds hold for every block.
     unsafe {
-        match n {
-            64 => rows::<6, 4>(m, args, dst),
-            _ => rows::<12, 2>(m, args, dst),
+        if n == 32 {
+            return rows::<12, 2>(m, args, dst);
+        }
+        // Columns in blocks of 64.
+        for j in (0..n).step_by(64) {
+            let block = Args {
+                b: &args.b[j..],
+                ..*args
+            };
+            rows::<6, 4>(m, &block, &mut dst[j..]);
         }
     }
 }
 
-/// All `m` rows: blocks of `MR`, then single rows; `V` vectors of 16 per row.
+/// All `m` rows: blocks of `MR`, then one block of the rows left; `V` vectors of 16 per
+/// row.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn rows<const MR: usize, const V: usize>(m: usize, args: &Args, dst: &mut [f32]) {
@@ -104,9 +113,22 @@ unsafe fn rows<const MR: usize, const V: usize>(m: usize, args: &Args, dst: &mut
             block::<MR, V>(i, args, dst);
             i += MR;
         }
-        while i < m {
-            block::<1, V>(i, args, dst);
-            i += 1;
+        // The last rows in one block of their own size: one row at a time, the 4 or 2
+        // accumulators of a row would wait on each other's latency.
+        match m - i {
+            0 => {}
+            1 => block::<1, V>(i, args, dst),
+            2 => block::<2, V>(i, args, dst),
+            3 => block::<3, V>(i, args, dst),
+            4 => block::<4, V>(i, args, dst),
+            5 => block::<5, V>(i, args, dst),
+            6 => block::<6, V>(i, args, dst),
+            7 => block::<7, V>(i, args, dst),
+            8 => block::<8, V>(i, args, dst),
+            9 => block::<9, V>(i, args, dst),
+            10 => block::<10, V>(i, args, dst),
+            11 => block::<11, V>(i, args, dst),
+            r => unreachable!("{r} rows left of blocks of {MR}"),
         }
     }
 }

@@ -973,3 +973,50 @@ fn matrix_products_match_f64_for_every_start_and_layout() {
         assert!((s as f64 - want).abs() < 1e-4, "column {j}: {s} vs {want}");
     }
 }
+
+#[test]
+fn flash_attention_carries_nan_to_its_row_only_and_masked_keys_weigh_nothing() {
+    // A NaN in one query gives that query's output NaN (as the formula does) and leaves
+    // the other rows finite; causal rows ignore later keys however large they are.
+    let (b, h, l, d) = (1, 2, 130, 32);
+    let mut q = values(random::<Flex, 4>([b, h, l, d], 1.0, 102));
+    q[5 * d + 3] = f32::NAN; // head 0, query 5
+    let q = Tensor::<Flex, 4>::from_data(TensorData::new(q, [b, h, l, d]), &Default::default());
+    let k = random::<Flex, 4>([b, h, l, d], 1.0, 103);
+    let v = random::<Flex, 4>([b, h, l, d], 1.0, 104);
+    let out = values(dws_kernels::attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        None,
+        false,
+    ));
+    for (row, vals) in out.chunks(d).enumerate() {
+        let nan = vals.iter().any(|x| x.is_nan());
+        assert_eq!(
+            nan,
+            row == 5,
+            "row {row} (head {}, query {})",
+            row / l,
+            row % l
+        );
+    }
+    // Keys after query i scaled up a thousandfold change nothing before them.
+    let big: Vec<f32> = values(k.clone())
+        .chunks(d)
+        .enumerate()
+        .flat_map(|(r, c)| {
+            let f = if r % l > 64 { 1000.0 } else { 1.0 };
+            c.iter().map(move |x| x * f).collect::<Vec<_>>()
+        })
+        .collect();
+    let kb = Tensor::<Flex, 4>::from_data(TensorData::new(big, [b, h, l, d]), &Default::default());
+    let q = random::<Flex, 4>([b, h, l, d], 1.0, 105);
+    let a = values(dws_kernels::attention(q.clone(), k, v.clone(), None, true));
+    let c = values(dws_kernels::attention(q, kb, v, None, true));
+    for i in 0..b * h * l {
+        if i % l <= 64 {
+            assert_eq!(a[i * d..(i + 1) * d], c[i * d..(i + 1) * d], "query {i}");
+        }
+    }
+}
