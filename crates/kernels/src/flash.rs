@@ -204,7 +204,7 @@ fn online_softmax_generic<M: MulAdd>(
                 acc[i] = pick(c[i], acc[i]);
             }
         }
-        let mut tile_max = fold_lanes(acc, &pick);
+        let mut tile_max = fold_lanes(acc, pick);
         for &v in chunks.remainder() {
             tile_max = pick(v, tile_max);
         }
