@@ -5,7 +5,7 @@
 //! flash attention ([`flash`]) that reads heads in place from packed or heads-last
 //! projections ([`self_attention`], [`attention_heads_last`]), layer norm ([`norm`]),
 //! axis permutation ([`mod@permute`]), the adaLN modulation, convolution and pooling, rotary
-//! positions, and [`linear`] as one product over all rows. They follow
+//! positions, and [`linear`] as one product over all rows with its bias ([`mm`]). They follow
 //! burn's backend-extension pattern: [`FusedBackend`] is implemented for `Flex` (the fast
 //! kernels) and for `Autodiff<B>` over any `B: FusedBackend` (registering the backward
 //! pass), so training uses them too.

@@ -68,7 +68,7 @@ pub enum Command {
         device: crate::device::DeviceArg,
     },
     /// burn's operations against dws's fused CPU kernels (GELU, SiLU, sigmoid, exp, erf,
-    /// tanh, softmax, layer norm, attention) at model shapes, forward and forward+backward; with `--torch FILE`
+    /// tanh, softmax, layer norm, linear layers, attention) at model shapes, forward and forward+backward; with `--torch FILE`
     /// (the output of `scripts/bench_ops_torch.py`) also the ratios against PyTorch.
     Ops {
         /// Seconds per measurement at most.

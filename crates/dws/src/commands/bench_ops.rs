@@ -225,38 +225,51 @@ fn measure_layer_norm<B: AutodiffBackend>(
     let norm = burn::nn::LayerNormConfig::new(shape[2]).init::<B>(device);
     let inner = norm.valid();
     let x = random::<B::InnerBackend, 3>(shape, device);
-    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"));
     let fwd = |fused: bool| {
-        time_ms(seconds, || {
-            let y = if fused {
-                dws_kernels::layer_norm(&inner, x.clone())
-            } else {
-                inner.forward(x.clone())
-            };
-            drop(y);
-            let _ = sync();
-        })
+        let y = if fused {
+            dws_kernels::layer_norm(&inner, x.clone())
+        } else {
+            inner.forward(x.clone())
+        };
+        drop(y);
     };
     let fwdbwd = |fused: bool| {
+        let xa = Tensor::<B, 3>::from_inner(x.clone()).require_grad();
+        let y = if fused {
+            dws_kernels::layer_norm(&norm, xa.clone())
+        } else {
+            norm.forward(xa.clone())
+        };
+        let grads = y.backward();
+        let _ = xa.grad(&grads);
+        let _ = norm.gamma.val().grad(&grads);
+    };
+    both_ways::<B>(&base, seconds, device, out, fwd, fwdbwd)
+}
+
+/// Times `fwd` and `fwdbwd` (each called with `false` for burn's operations, `true`
+/// for the kernels) and records them under `base`.
+fn both_ways<B: AutodiffBackend>(
+    base: &str,
+    seconds: f64,
+    device: &B::Device,
+    out: &mut Vec<(String, f64)>,
+    fwd: impl Fn(bool),
+    fwdbwd: impl Fn(bool),
+) -> Result<()> {
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"));
+    let time = |f: &dyn Fn(bool), fused: bool| {
         time_ms(seconds, || {
-            let xa = Tensor::<B, 3>::from_inner(x.clone()).require_grad();
-            let y = if fused {
-                dws_kernels::layer_norm(&norm, xa.clone())
-            } else {
-                norm.forward(xa.clone())
-            };
-            let grads = y.backward();
-            let _ = xa.grad(&grads);
-            let _ = norm.gamma.val().grad(&grads);
+            f(fused);
             let _ = sync();
         })
     };
     let results = [
-        ("fwd", fwd(false), fwd(true)),
-        ("fwdbwd", fwdbwd(false), fwdbwd(true)),
+        ("fwd", time(&fwd, false), time(&fwd, true)),
+        ("fwdbwd", time(&fwdbwd, false), time(&fwdbwd, true)),
     ];
     sync()?;
-    record(&base, &results, out);
+    record(base, &results, out);
     Ok(())
 }
 
@@ -277,39 +290,26 @@ fn measure_linear<B: AutodiffBackend>(
     let layer = burn::nn::LinearConfig::new(d_in, d_out).init::<B>(device);
     let inner = layer.valid();
     let x = random::<B::InnerBackend, 3>(shape, device);
-    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"));
     let fwd = |fused: bool| {
-        time_ms(seconds, || {
-            let y = if fused {
-                dws_kernels::linear(&inner, x.clone())
-            } else {
-                inner.forward(x.clone())
-            };
-            drop(y);
-            let _ = sync();
-        })
+        let y = if fused {
+            dws_kernels::linear(&inner, x.clone())
+        } else {
+            inner.forward(x.clone())
+        };
+        drop(y);
     };
     let fwdbwd = |fused: bool| {
-        time_ms(seconds, || {
-            let xa = Tensor::<B, 3>::from_inner(x.clone()).require_grad();
-            let y = if fused {
-                dws_kernels::linear(&layer, xa.clone())
-            } else {
-                layer.forward(xa.clone())
-            };
-            let grads = y.backward();
-            let _ = xa.grad(&grads);
-            let _ = layer.weight.val().grad(&grads);
-            let _ = sync();
-        })
+        let xa = Tensor::<B, 3>::from_inner(x.clone()).require_grad();
+        let y = if fused {
+            dws_kernels::linear(&layer, xa.clone())
+        } else {
+            layer.forward(xa.clone())
+        };
+        let grads = y.backward();
+        let _ = xa.grad(&grads);
+        let _ = layer.weight.val().grad(&grads);
     };
-    let results = [
-        ("fwd", fwd(false), fwd(true)),
-        ("fwdbwd", fwdbwd(false), fwdbwd(true)),
-    ];
-    sync()?;
-    record(&base, &results, out);
-    Ok(())
+    both_ways::<B>(&base, seconds, device, out, fwd, fwdbwd)
 }
 
 /// Prints and keeps each pass's times and their ratio.
