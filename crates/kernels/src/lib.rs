@@ -23,6 +23,7 @@ pub mod norm;
 pub mod permute;
 pub mod pool;
 pub mod rope;
+mod simd;
 mod tile;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;

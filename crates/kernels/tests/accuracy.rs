@@ -515,9 +515,11 @@ fn flash_attention_is_the_formula_across_tile_edges() {
         (64, 64, false),
         (5, 150, false),
         (129, 3, false),
+        (40, 88, false),
     ] {
-        // Widths the register-tiled products take (32, 64) and ones `gemm` takes.
-        for (d, dv) in [(16, 8), (32, 64), (64, 32)] {
+        // Widths the register-tiled products take (AVX-512: 32, 64; AVX2: multiples of
+        // 8, in blocks of 16 and one of 8) and ones `gemm` takes.
+        for (d, dv) in [(16, 8), (32, 64), (64, 32), (24, 40)] {
             let (b, h) = (2, 2);
             let q = random::<Flex, 4>([b, h, lq, d], 1.5, 50);
             let k = random::<Flex, 4>([b, h, lk, d], 1.5, 51);
@@ -580,6 +582,8 @@ fn flash_attention_gradients_equal_burns_composition() {
         (40, 90, false, 16),
         (130, 130, true, 32),
         (64, 150, false, 64),
+        (88, 88, true, 24),
+        (50, 88, false, 40),
     ] {
         let (b, h) = (2, 2);
         let mk = |seed, shape: [usize; 4], scale| random::<A, 4>(shape, scale, seed).require_grad();

@@ -80,6 +80,10 @@ pub enum Command {
         /// Only the first shape of each operation.
         #[arg(long)]
         quick: bool,
+        /// Only the measurements whose name (`<op>/<shape>`, as in the output, e.g.
+        /// `gelu/8x256x768` or `attention_causal`) contains this text.
+        #[arg(long)]
+        only: Option<String>,
         #[arg(long, default_value = "cpu")]
         device: crate::device::DeviceArg,
     },
@@ -814,6 +818,7 @@ pub fn run(cmd: Command) -> Result<()> {
             seconds,
             torch,
             quick,
+            only,
             device,
         } => crate::device::dispatch(
             device,
@@ -821,6 +826,7 @@ pub fn run(cmd: Command) -> Result<()> {
                 seconds,
                 torch,
                 quick,
+                only,
             },
         )?,
         Command::Step {

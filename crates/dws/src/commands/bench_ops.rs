@@ -19,6 +19,17 @@ pub struct OpsBench {
     pub torch: Option<PathBuf>,
     /// Only the first shape of each operation.
     pub quick: bool,
+    /// Only the measurements whose `<op>/<shape>` name contains this text.
+    pub only: Option<String>,
+}
+
+impl OpsBench {
+    /// Whether `<op>/<shape>` is to be measured.
+    fn wants(&self, op: &str, shape: &[usize]) -> bool {
+        self.only
+            .as_deref()
+            .is_none_or(|o| format!("{op}/{}", shape_name(shape)).contains(o))
+    }
 }
 
 /// Median milliseconds of `f` after two warm-up runs.
@@ -215,12 +226,15 @@ fn measure_attention<B: AutodiffBackend>(
 /// Layer norm over the last dimension of `[8, 256, 192]` with its scale and shift:
 /// burn's `LayerNorm` against `dws_kernels::layer_norm`; forward+backward takes the
 /// gradients of the input, the scale and the shift.
+/// The DESIGN "Backends" toy step's activations.
+const LAYER_NORM_SHAPE: [usize; 3] = [8, 256, 192];
+
 fn measure_layer_norm<B: AutodiffBackend>(
     seconds: f64,
     device: &B::Device,
     out: &mut Vec<(String, f64)>,
 ) -> Result<()> {
-    let shape = [8, 256, 192];
+    let shape = LAYER_NORM_SHAPE;
     let base = format!("ops/layer_norm/{}", shape_name(&shape));
     let norm = burn::nn::LayerNormConfig::new(shape[2]).init::<B>(device);
     let inner = norm.valid();
@@ -331,18 +345,28 @@ impl crate::device::Job for OpsBench {
         let mut out = Vec::new();
         let s = self.seconds;
         for op in Unary::ALL {
-            measure::<B, 3>(&op, [8, 256, 768], s, &device, &mut out)?;
+            let shape = [8, 256, 768];
+            if self.wants(op.name(), &shape) {
+                measure::<B, 3>(&op, shape, s, &device, &mut out)?;
+            }
         }
         for log in [false, true] {
-            measure::<B, 4>(&Softmax(log), [8, 6, 256, 256], s, &device, &mut out)?;
-            if !self.quick {
-                measure::<B, 2>(&Softmax(log), [64, 1024], s, &device, &mut out)?;
+            let op = Softmax(log);
+            if self.wants(op.name(), &[8, 6, 256, 256]) {
+                measure::<B, 4>(&op, [8, 6, 256, 256], s, &device, &mut out)?;
+            }
+            if !self.quick && self.wants(op.name(), &[64, 1024]) {
+                measure::<B, 2>(&op, [64, 1024], s, &device, &mut out)?;
             }
         }
         if !self.quick {
-            measure_layer_norm::<B>(s, &device, &mut out)?;
-            for dims in [[192, 576], [192, 768], [768, 192]] {
-                measure_linear::<B>(dims, s, &device, &mut out)?;
+            if self.wants("layer_norm", &LAYER_NORM_SHAPE) {
+                measure_layer_norm::<B>(s, &device, &mut out)?;
+            }
+            for [din, dout] in [[192, 576], [192, 768], [768, 192]] {
+                if self.wants("linear", &[8, 256, din, dout]) {
+                    measure_linear::<B>([din, dout], s, &device, &mut out)?;
+                }
             }
         }
         let shapes: &[([usize; 4], bool)] = if self.quick {
@@ -359,8 +383,20 @@ impl crate::device::Job for OpsBench {
             ]
         };
         for &(shape, causal) in shapes {
-            measure_attention::<B>(shape, causal, s, &device, &mut out)?;
+            let name = if causal {
+                "attention_causal"
+            } else {
+                "attention"
+            };
+            if self.wants(name, &shape) {
+                measure_attention::<B>(shape, causal, s, &device, &mut out)?;
+            }
         }
+        anyhow::ensure!(
+            !out.is_empty(),
+            "--only {:?} matches no measurement",
+            self.only.as_deref().unwrap_or("")
+        );
         if let Some(path) = &self.torch {
             against_torch(path, &out)?;
         }
