@@ -17,6 +17,8 @@
 //! `Lq == Lk`, where every convention agrees).
 
 use crate::math::{exp, fold_lanes, level, multiversion, Level, MulAdd};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::Reg;
 use crate::tile::{matmul, transpose};
 use rayon::prelude::*;
 
@@ -240,7 +242,8 @@ fn online_softmax_generic<M: MulAdd>(
 }
 multiversion!(online_softmax_generic, online_softmax_on, (sc: &mut [f32], bk: usize, m: &mut [f32], sum: &mut [f32], o: &mut [f32], scale: f32));
 
-/// [`online_softmax_generic`] at this CPU's best level.
+/// [`online_softmax_generic`] at this CPU's best level (AVX2 and AVX-512: with the
+/// vector [`Reg::exp2`]).
 fn online_softmax(
     sc: &mut [f32],
     bk: usize,
@@ -251,11 +254,112 @@ fn online_softmax(
 ) {
     let level = level();
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx512 {
-        // SAFETY: `level()` found AVX-512 on this CPU.
-        return unsafe { avx512::online_softmax(sc, bk, m, sum, o, scale) };
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(
+            sc: &mut [f32],
+            bk: usize,
+            m: &mut [f32],
+            sum: &mut [f32],
+            o: &mut [f32],
+            scale: f32,
+        ) {
+            // SAFETY: the caller found AVX2 and FMA on this CPU.
+            unsafe { online_softmax_simd::<std::arch::x86_64::__m256>(sc, bk, m, sum, o, scale) }
+        }
+        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+        unsafe fn avx512(
+            sc: &mut [f32],
+            bk: usize,
+            m: &mut [f32],
+            sum: &mut [f32],
+            o: &mut [f32],
+            scale: f32,
+        ) {
+            // SAFETY: the caller found AVX-512 on this CPU.
+            unsafe { online_softmax_simd::<std::arch::x86_64::__m512>(sc, bk, m, sum, o, scale) }
+        }
+        match level {
+            // SAFETY: `level()` found these instructions on this CPU.
+            Level::Avx512 => return unsafe { avx512(sc, bk, m, sum, o, scale) },
+            // SAFETY: as above.
+            Level::Avx2 => return unsafe { avx2(sc, bk, m, sum, o, scale) },
+            Level::Generic => {}
+        }
     }
     online_softmax_on(level, sc, bk, m, sum, o, scale)
+}
+
+/// [`online_softmax_generic`] with vector registers `R`: `e^((x − m) · scale)` as
+/// `2^(x · k − m · k)` with `k = scale · log2 e`, one FMA and [`Reg::exp2`] per vector.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn online_softmax_simd<R: Reg>(
+    sc: &mut [f32],
+    bk: usize,
+    m: &mut [f32],
+    sum: &mut [f32],
+    o: &mut [f32],
+    scale: f32,
+) {
+    let dv = o.len() / m.len();
+    let k = scale * std::f32::consts::LOG2_E;
+    // Whole vectors, then the row's last values one by one.
+    let full = bk / R::LANES * R::LANES;
+    // SAFETY: every load and store below is inside the row's `bk` values; the caller
+    // enabled `R`'s instructions.
+    unsafe {
+        for (r, row) in sc.chunks_exact_mut(bk).enumerate() {
+            let ptr = row.as_mut_ptr();
+            let mut acc = R::splat(f32::NEG_INFINITY);
+            let mut nan = false;
+            for j in (0..full).step_by(R::LANES) {
+                let x = R::load(ptr.add(j));
+                nan |= x.has_nan();
+                acc = acc.max(x);
+            }
+            let mut tile_max = acc.reduce_max();
+            for &x in &row[full..] {
+                nan |= x.is_nan();
+                tile_max = tile_max.max(x);
+            }
+            // A NaN score makes the row's maximum NaN, so the whole row is NaN (as the
+            // formula gives) rather than skipped as unseen.
+            if nan {
+                tile_max = f32::NAN;
+            }
+            let m_new = if tile_max > m[r] || tile_max.is_nan() {
+                tile_max
+            } else {
+                m[r]
+            };
+            if m_new == f32::NEG_INFINITY {
+                // Nothing visible yet: the row adds nothing.
+                row.fill(0.0);
+                continue;
+            }
+            let (kv, shift) = (R::splat(k), R::splat(-m_new * k));
+            let mut total = R::zero();
+            for j in (0..full).step_by(R::LANES) {
+                let e = R::load(ptr.add(j)).mul_add(kv, shift).exp2();
+                e.store(ptr.add(j));
+                total = total.add(e);
+            }
+            let mut row_sum = total.reduce_add();
+            for x in &mut row[full..] {
+                *x = R::splat(*x).mul_add(kv, shift).exp2().first();
+                row_sum += *x;
+            }
+            let alpha = R::splat((m[r] - m_new) * k).exp2().first();
+            sum[r] = sum[r] * alpha + row_sum;
+            if alpha != 1.0 {
+                for x in &mut o[r * dv..(r + 1) * dv] {
+                    *x *= alpha;
+                }
+            }
+            m[r] = m_new;
+        }
+    }
 }
 
 /// Probabilities `e^(s · scale - lse)` of a tile of unscaled scores `[bq, bk]` from each
@@ -274,150 +378,57 @@ fn probs_generic<M: MulAdd>(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
 }
 multiversion!(probs_generic, probs_on, (p: &mut [f32], bk: usize, lse: &[f32], scale: f32));
 
-/// [`probs_generic`] at this CPU's best level.
+/// [`probs_generic`] at this CPU's best level (AVX2 and AVX-512: with the vector
+/// [`Reg::exp2`]).
 fn probs(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
     let level = level();
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx512 {
-        // SAFETY: `level()` found AVX-512 on this CPU.
-        return unsafe { avx512::probs(p, bk, lse, scale) };
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
+            // SAFETY: the caller found AVX2 and FMA on this CPU.
+            unsafe { probs_simd::<std::arch::x86_64::__m256>(p, bk, lse, scale) }
+        }
+        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+        unsafe fn avx512(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
+            // SAFETY: the caller found AVX-512 on this CPU.
+            unsafe { probs_simd::<std::arch::x86_64::__m512>(p, bk, lse, scale) }
+        }
+        match level {
+            // SAFETY: `level()` found these instructions on this CPU.
+            Level::Avx512 => return unsafe { avx512(p, bk, lse, scale) },
+            // SAFETY: as above.
+            Level::Avx2 => return unsafe { avx2(p, bk, lse, scale) },
+            Level::Generic => {}
+        }
     }
     probs_on(level, p, bk, lse, scale)
 }
 
-/// The softmax exponentials with AVX-512 instructions: `e^t` as `2^(t · log2 e)` with
-/// the integer part rounded off (`vrndscaleps`), `2^f` on `|f| ≤ ½` by its degree-6
-/// Taylor polynomial (relative error below 1.3e-7) and the power of two applied by
-/// `vscalefps`; exactly 0 below 2^-126 (masked scores included: no subnormal results,
-/// whose microcode assists made causal attention twice as slow), NaN carried: about 12
-/// instructions per 16 values where the portable [`exp`] takes about 28 (its range
-/// selects and bit tricks).
+/// [`probs_generic`] with vector registers `R` and [`Reg::exp2`].
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    /// `2^t` per lane (see the module).
-    #[inline(always)]
-    unsafe fn exp2(t: __m512) -> __m512 {
-        // SAFETY: the caller enabled AVX-512.
-        unsafe {
-            // Results below 2^-126 would be subnormal, which costs a microcode assist
-            // per vector: those lanes give 0 (t ≤ −126, masked scores included), NaN
-            // lanes stay in (the comparison is true when unordered).
-            let normal = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(t, _mm512_set1_ps(-126.0));
-            // max(lo, t): t when t is NaN (the second operand wins), so NaN carries on.
-            let t = _mm512_max_ps(_mm512_set1_ps(-127.0), t);
-            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-            let f = _mm512_sub_ps(t, n);
-            // 2^f = Σ (f ln 2)^i / i!, i ≤ 6.
-            const C: [f32; 7] = [
-                1.0,
-                std::f32::consts::LN_2,
-                0.240_226_5,
-                0.055_504_11,
-                0.009_618_129,
-                0.001_333_355_8,
-                0.000_154_035_3,
-            ];
-            let mut p = _mm512_set1_ps(C[6]);
-            for &c in C[..6].iter().rev() {
-                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+#[inline(always)]
+unsafe fn probs_simd<R: Reg>(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
+    let k = scale * std::f32::consts::LOG2_E;
+    let full = bk / R::LANES * R::LANES;
+    // SAFETY: every load and store below is inside the row's `bk` values; the caller
+    // enabled `R`'s instructions.
+    unsafe {
+        for (row, &l) in p.chunks_exact_mut(bk).zip(lse) {
+            if l == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
             }
-            _mm512_maskz_scalef_ps(normal, p, n)
-        }
-    }
-
-    /// Lanes `0..n` set.
-    #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        ((1u32 << n.min(16)) - 1) as __mmask16
-    }
-
-    /// [`super::online_softmax_generic`] with [`exp2`].
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-    pub(super) unsafe fn online_softmax(
-        sc: &mut [f32],
-        bk: usize,
-        m: &mut [f32],
-        sum: &mut [f32],
-        o: &mut [f32],
-        scale: f32,
-    ) {
-        let dv = o.len() / m.len();
-        let k = scale * std::f32::consts::LOG2_E;
-        // SAFETY: every load and store below is masked to the row's `bk` values.
-        unsafe {
-            for (r, row) in sc.chunks_exact_mut(bk).enumerate() {
-                let ptr = row.as_mut_ptr();
-                let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
-                let mut nan: __mmask16 = 0;
-                for j in (0..bk).step_by(16) {
-                    let x = _mm512_mask_loadu_ps(acc, lanes(bk - j), ptr.add(j));
-                    nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-                    acc = _mm512_max_ps(acc, x);
-                }
-                // A NaN score makes the row's maximum NaN, so the whole row is NaN
-                // (as the formula gives) rather than skipped as unseen.
-                let tile_max = if nan != 0 {
-                    f32::NAN
-                } else {
-                    _mm512_reduce_max_ps(acc)
-                };
-                let m_new = if tile_max > m[r] || tile_max.is_nan() {
-                    tile_max
-                } else {
-                    m[r]
-                };
-                if m_new == f32::NEG_INFINITY {
-                    // Nothing visible yet: the row adds nothing.
-                    row.fill(0.0);
-                    continue;
-                }
-                // e^((x − m) · scale) = 2^(x · k − m · k).
-                let (kv, shift) = (_mm512_set1_ps(k), _mm512_set1_ps(-m_new * k));
-                let mut total = _mm512_setzero_ps();
-                for j in (0..bk).step_by(16) {
-                    let mask = lanes(bk - j);
-                    let x = _mm512_maskz_loadu_ps(mask, ptr.add(j));
-                    let e = exp2(_mm512_fmadd_ps(x, kv, shift));
-                    _mm512_mask_storeu_ps(ptr.add(j), mask, e);
-                    total = _mm512_mask_add_ps(total, mask, total, e);
-                }
-                let alpha = (m[r] - m_new) * k;
-                let alpha = _mm512_cvtss_f32(exp2(_mm512_set1_ps(alpha)));
-                sum[r] = sum[r] * alpha + _mm512_reduce_add_ps(total);
-                if alpha != 1.0 {
-                    for x in &mut o[r * dv..(r + 1) * dv] {
-                        *x *= alpha;
-                    }
-                }
-                m[r] = m_new;
+            let ptr = row.as_mut_ptr();
+            let (kv, shift) = (R::splat(k), R::splat(-l * std::f32::consts::LOG2_E));
+            for j in (0..full).step_by(R::LANES) {
+                R::load(ptr.add(j))
+                    .mul_add(kv, shift)
+                    .exp2()
+                    .store(ptr.add(j));
             }
-        }
-    }
-
-    /// [`super::probs_generic`] with [`exp2`].
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-    pub(super) unsafe fn probs(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
-        let k = scale * std::f32::consts::LOG2_E;
-        // SAFETY: every load and store below is masked to the row's `bk` values.
-        unsafe {
-            for (row, &l) in p.chunks_exact_mut(bk).zip(lse) {
-                if l == f32::NEG_INFINITY {
-                    row.fill(0.0);
-                    continue;
-                }
-                let ptr = row.as_mut_ptr();
-                let (kv, shift) = (
-                    _mm512_set1_ps(k),
-                    _mm512_set1_ps(-l * std::f32::consts::LOG2_E),
-                );
-                for j in (0..bk).step_by(16) {
-                    let mask = lanes(bk - j);
-                    let x = _mm512_maskz_loadu_ps(mask, ptr.add(j));
-                    let e = exp2(_mm512_fmadd_ps(x, kv, shift));
-                    _mm512_mask_storeu_ps(ptr.add(j), mask, e);
-                }
+            for x in &mut row[full..] {
+                *x = R::splat(*x).mul_add(kv, shift).exp2().first();
             }
         }
     }
