@@ -8,15 +8,19 @@ environment outside the repository::
     /tmp/torch-venv/bin/python scripts/bench_ops_torch.py > torch.jsonl
 
 Options: ``--threads N`` (default: PyTorch's own thread count), ``--quick``
-(element-wise ops and softmax/log_softmax at their first shape only). To compare
+(element-wise ops and softmax/log_softmax at their first shape only), ``--fixed-grad``
+(see below). To compare
 with a pinned dws run, pin this one the same way, e.g. ``taskset -c 0,1 python ...``.
 
 Everything is PyTorch eager on the CPU in float32. Each measurement is the median
 of timed runs in milliseconds, after 3 warm-up runs; runs continue until at least
 1 s has passed and at least 5 runs were made (so at least 10 whenever 10 fit in
 ~1 s). ``fwd`` times the forward alone (no autograd); ``fwdbwd`` times the forward
-plus ``out.backward(grad)`` with a fixed random ``grad`` of the output's shape, the
-inputs requiring grad and their ``.grad`` reset between runs. Inputs are
+plus ``out.backward(torch.ones_like(out))``, the inputs requiring grad and their
+``.grad`` reset between runs: burn's ``backward()`` always starts from a ones gradient
+that it creates (and fills) inside the timed region, so the peer does the same work.
+``--fixed-grad`` instead backpropagates a random gradient made before timing (the
+ones fill, about 0.3 ms at [8, 256, 768], is then counted on dws's side only). Inputs are
 ``torch.randn(shape) * 3`` with ``torch.manual_seed(0)``.
 
 Output is one JSON line per measurement, named like `dws bench ops` so that ratios
@@ -35,6 +39,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+# The command line (set by main).
+args = argparse.Namespace(fixed_grad=False)
 
 ELEMENTWISE = {
     "exp": torch.exp,
@@ -101,7 +108,13 @@ def bench_as(label, fn, shapes):
             x.grad = None
 
     def fwdbwd():
-        fn(*leaves).backward(grad)
+        out = fn(*leaves)
+        if args.fixed_grad:
+            out.backward(grad)
+        else:
+            # burn's `backward()` starts from a ones gradient it creates in the timed
+            # region; so does this, for the same work on both sides.
+            out.backward(torch.ones_like(out))
 
     emit(f"{tag}/fwdbwd/torch_ms", float(f"{median_ms(fwdbwd, reset):.4g}"), "ms")
 
@@ -110,6 +123,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, help="torch.set_num_threads(N)")
     ap.add_argument("--quick", action="store_true", help="element-wise ops and softmax at first shapes only")
+    ap.add_argument(
+        "--fixed-grad",
+        action="store_true",
+        help="backward from a gradient made before timing, not a ones gradient made in each run",
+    )
+    global args
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

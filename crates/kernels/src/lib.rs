@@ -340,6 +340,22 @@ fn flex_f32(t: &FlexTensor) -> (FlexTensor, Shape) {
     (c, shape)
 }
 
+/// `t` when its values can be overwritten in place: f32, held by nothing else, and
+/// laid out contiguously over its whole buffer from the start (so its storage is
+/// exactly its values in order); else `t` back.
+fn writable_f32(mut t: FlexTensor) -> Result<FlexTensor, FlexTensor> {
+    use burn::tensor::TensorMetadata;
+    let n = t.shape().num_elements();
+    let whole = t.dtype() == burn::tensor::DType::F32
+        && t.layout().contiguous_offsets() == Some((0, n))
+        && t.try_storage_mut::<f32>().is_some_and(|s| s.len() == n);
+    if whole {
+        Ok(t)
+    } else {
+        Err(t)
+    }
+}
+
 fn flex_from(values: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
@@ -380,6 +396,16 @@ impl FusedBackend for Flex {
     }
 
     fn fused_unary_backward(op: Unary, x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        let grad = match writable_f32(grad) {
+            Ok(mut g) => {
+                let (cx, _) = flex_f32(&x);
+                let xs = cx.as_slice::<f32>().expect("contiguous f32");
+                let gs = g.try_storage_mut::<f32>().expect("checked unique");
+                math::backward_in_place(op, gs, xs, op.grad_from_output());
+                return g;
+            }
+            Err(grad) => grad,
+        };
         let ((cx, shape), (cg, _)) = (flex_f32(&x), flex_f32(&grad));
         let xs = cx.as_slice::<f32>().expect("contiguous f32");
         let gs = cg.as_slice::<f32>().expect("contiguous f32");
@@ -477,6 +503,19 @@ impl FusedBackend for Flex {
     }
 
     fn fused_softmax_backward(y: FlexTensor, grad: FlexTensor, log: bool) -> FlexTensor {
+        let grad = match writable_f32(grad) {
+            Ok(mut g) => {
+                let (cy, shape) = flex_f32(&y);
+                let n = *shape.as_slice().last().expect("a tensor with dimensions");
+                if n > 0 {
+                    let ys = cy.as_slice::<f32>().expect("contiguous f32");
+                    let gs = g.try_storage_mut::<f32>().expect("checked unique");
+                    math::softmax_backward_in_place(gs, ys, n, log);
+                }
+                return g;
+            }
+            Err(grad) => grad,
+        };
         let ((cy, shape), (cg, _)) = (flex_f32(&y), flex_f32(&grad));
         let n = *shape.as_slice().last().expect("a tensor with dimensions");
         let ys = cy.as_slice::<f32>().expect("contiguous f32");

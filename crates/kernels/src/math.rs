@@ -446,6 +446,41 @@ pub fn backward_into(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
     });
 }
 
+/// [`backward`] written over the gradient `g` itself: `g[i] ← g[i] · op'(x[i])`, or
+/// from the outputs `y` (in `x`'s place) for the functions whose derivative is a
+/// function of the output ([`Unary::grad_from_output`]) when `from_output` is set.
+/// Saves the output buffer (a fresh allocation, and its cache misses) when the
+/// gradient is not needed afterwards.
+pub fn backward_in_place(op: Unary, g: &mut [f32], x: &[f32], from_output: bool) {
+    assert_eq!(g.len(), x.len());
+    assert!(
+        !from_output || op.grad_from_output(),
+        "{} needs its input",
+        op.name()
+    );
+    let level = level();
+    let body = |g: &mut [f32], x: &[f32]| {
+        // The kernels read g and write their output separately: each block of g is
+        // read from a copy on the stack.
+        let mut copy = [0f32; 1024];
+        for (g, x) in g.chunks_mut(copy.len()).zip(x.chunks(copy.len())) {
+            let copy = &mut copy[..g.len()];
+            copy.copy_from_slice(g);
+            if from_output {
+                backward_from_output_at(level, op, as_out(g), x, copy)
+            } else {
+                backward_at(level, op, as_out(g), x, copy)
+            }
+        }
+    };
+    if g.len() <= CHUNK {
+        return body(g, x);
+    }
+    g.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(g, x)| body(g, x));
+}
+
 // `multiversion!` hands every body the MulAdd type; this needs none.
 #[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
@@ -707,6 +742,26 @@ pub fn softmax_backward_into(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, lo
         .zip(y.par_chunks(rows))
         .zip(g.par_chunks(rows))
         .for_each(|((d, y), g)| softmax_back_at(level, d, y, g, n, log));
+}
+
+/// [`softmax_backward`] written over the gradient `g` itself (see
+/// [`backward_in_place`]).
+pub fn softmax_backward_in_place(g: &mut [f32], y: &[f32], n: usize, log: bool) {
+    assert!(y.len() == g.len());
+    assert!(n > 0 && y.len().is_multiple_of(n));
+    let level = level();
+    let rows = rows_per_task(n) * n;
+    g.par_chunks_mut(rows)
+        .zip(y.par_chunks(rows))
+        .for_each(|(g, y)| {
+            // Each row of g is read from a copy (the kernel takes its input and output
+            // apart): one row at a time, so the copy stays in the L1 cache.
+            let mut copy = vec![0f32; n];
+            for (g, y) in g.chunks_exact_mut(n).zip(y.chunks_exact(n)) {
+                copy.copy_from_slice(g);
+                softmax_back_at(level, as_out(g), y, &copy, n, log)
+            }
+        });
 }
 
 /// Adaptive modulation of `[G, N, D]` tokens by per-group rows: `out[g, n, :] =

@@ -1024,3 +1024,39 @@ fn flash_attention_carries_nan_to_its_row_only_and_masked_keys_weigh_nothing() {
         }
     }
 }
+
+#[test]
+fn gradients_written_in_place_equal_the_ones_written_apart() {
+    // Lengths below, at and above the parallel chunk (2^15) and the on-stack block (1024).
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for len in [5, 1024, 1500, (1 << 15) + 37, 3 << 16] {
+        let x: Vec<f32> = (0..len).map(|_| rng.gen_range(-9.0..9.0)).collect();
+        let g: Vec<f32> = (0..len).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        for op in Unary::ALL {
+            let mut want = vec![0.0; len];
+            math::backward(op, &mut want, &x, &g);
+            let mut got = g.clone();
+            math::backward_in_place(op, &mut got, &x, false);
+            assert_eq!(got, want, "{op:?} at {len}");
+            if op.grad_from_output() {
+                let mut y = vec![0.0; len];
+                math::forward(op, &mut y, &x);
+                let mut got = g.clone();
+                math::backward_in_place(op, &mut got, &y, true);
+                assert_eq!(got, want, "{op:?} from its output at {len}");
+            }
+        }
+        for (n, log) in [(5, false), (5, true), (len, false), (len, true)] {
+            if len % n != 0 {
+                continue;
+            }
+            let mut y = vec![0.0; len];
+            math::softmax(&mut y, &x, n, log);
+            let mut want = vec![0.0; len];
+            math::softmax_backward(&mut want, &y, &g, n, log);
+            let mut got = g.clone();
+            math::softmax_backward_in_place(&mut got, &y, n, log);
+            assert_eq!(got, want, "softmax (log {log}) rows of {n} at {len}");
+        }
+    }
+}
