@@ -242,6 +242,36 @@ fn online_softmax_generic<M: MulAdd>(
 }
 multiversion!(online_softmax_generic, online_softmax_on, (sc: &mut [f32], bk: usize, m: &mut [f32], sum: &mut [f32], o: &mut [f32], scale: f32));
 
+/// The body of a function that runs `$simd::<R>` compiled for AVX-512 (`R = __m512`)
+/// or AVX2 (`__m256`) where this CPU has it, and else `$portable` (a
+/// [`multiversion!`] dispatcher) at the CPU's level.
+macro_rules! on_registers {
+    ($simd:ident, $portable:ident, ($($arg:ident: $ty:ty),*)) => {{
+        let level = level();
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                // SAFETY: the caller found AVX2 and FMA on this CPU.
+                unsafe { $simd::<std::arch::x86_64::__m256>($($arg),*) }
+            }
+            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+            unsafe fn avx512($($arg: $ty),*) {
+                // SAFETY: the caller found AVX-512 on this CPU.
+                unsafe { $simd::<std::arch::x86_64::__m512>($($arg),*) }
+            }
+            match level {
+                // SAFETY: `level()` found these instructions on this CPU.
+                Level::Avx512 => return unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                Level::Avx2 => return unsafe { avx2($($arg),*) },
+                Level::Generic => {}
+            }
+        }
+        $portable(level, $($arg),*)
+    }};
+}
+
 /// [`online_softmax_generic`] at this CPU's best level (AVX2 and AVX-512: with the
 /// vector [`Reg::exp2`]).
 fn online_softmax(
@@ -252,42 +282,7 @@ fn online_softmax(
     o: &mut [f32],
     scale: f32,
 ) {
-    let level = level();
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(
-            sc: &mut [f32],
-            bk: usize,
-            m: &mut [f32],
-            sum: &mut [f32],
-            o: &mut [f32],
-            scale: f32,
-        ) {
-            // SAFETY: the caller found AVX2 and FMA on this CPU.
-            unsafe { online_softmax_simd::<std::arch::x86_64::__m256>(sc, bk, m, sum, o, scale) }
-        }
-        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-        unsafe fn avx512(
-            sc: &mut [f32],
-            bk: usize,
-            m: &mut [f32],
-            sum: &mut [f32],
-            o: &mut [f32],
-            scale: f32,
-        ) {
-            // SAFETY: the caller found AVX-512 on this CPU.
-            unsafe { online_softmax_simd::<std::arch::x86_64::__m512>(sc, bk, m, sum, o, scale) }
-        }
-        match level {
-            // SAFETY: `level()` found these instructions on this CPU.
-            Level::Avx512 => return unsafe { avx512(sc, bk, m, sum, o, scale) },
-            // SAFETY: as above.
-            Level::Avx2 => return unsafe { avx2(sc, bk, m, sum, o, scale) },
-            Level::Generic => {}
-        }
-    }
-    online_softmax_on(level, sc, bk, m, sum, o, scale)
+    on_registers!(online_softmax_simd, online_softmax_on, (sc: &mut [f32], bk: usize, m: &mut [f32], sum: &mut [f32], o: &mut [f32], scale: f32))
 }
 
 /// [`online_softmax_generic`] with vector registers `R`: `e^((x − m) · scale)` as
@@ -381,28 +376,7 @@ multiversion!(probs_generic, probs_on, (p: &mut [f32], bk: usize, lse: &[f32], s
 /// [`probs_generic`] at this CPU's best level (AVX2 and AVX-512: with the vector
 /// [`Reg::exp2`]).
 fn probs(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
-    let level = level();
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
-            // SAFETY: the caller found AVX2 and FMA on this CPU.
-            unsafe { probs_simd::<std::arch::x86_64::__m256>(p, bk, lse, scale) }
-        }
-        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-        unsafe fn avx512(p: &mut [f32], bk: usize, lse: &[f32], scale: f32) {
-            // SAFETY: the caller found AVX-512 on this CPU.
-            unsafe { probs_simd::<std::arch::x86_64::__m512>(p, bk, lse, scale) }
-        }
-        match level {
-            // SAFETY: `level()` found these instructions on this CPU.
-            Level::Avx512 => return unsafe { avx512(p, bk, lse, scale) },
-            // SAFETY: as above.
-            Level::Avx2 => return unsafe { avx2(p, bk, lse, scale) },
-            Level::Generic => {}
-        }
-    }
-    probs_on(level, p, bk, lse, scale)
+    on_registers!(probs_simd, probs_on, (p: &mut [f32], bk: usize, lse: &[f32], scale: f32))
 }
 
 /// [`probs_generic`] with vector registers `R` and [`Reg::exp2`].
