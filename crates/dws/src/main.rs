@@ -11,6 +11,11 @@ mod report;
 
 use clap::{Parser, Subcommand};
 
+/// Large blocks (tensors) on 64-byte boundaries, as PyTorch's CPU tensors are, so the
+/// kernels' vector loads do not straddle cache lines (`dws_kernels::alloc`).
+#[global_allocator]
+static ALLOC: dws_kernels::alloc::Aligned = dws_kernels::alloc::Aligned;
+
 /// dws: Dynamic World Simulation — collect data from games and robots, turn video models
 /// into action-conditioned world simulators, evaluate them, play them, train agents in them.
 ///

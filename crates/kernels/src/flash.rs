@@ -432,15 +432,23 @@ pub fn forward(s: AttnShape, q: Operand, k: Operand, v: Operand) -> (Vec<f32>, V
         return (out, lse);
     }
     let scale = s.scale();
-    // Every head's keys transposed once (`[B, H, d, Lk]`), for the score products of
-    // all its query tiles.
+    // Every head's keys transposed once, for the score products of all its query
+    // tiles: key tile by key tile (`[B, H, Lk / BK, d, BK]`, the last tile `[d, bk]`), so
+    // a tile's rows are `bk` values apart. One `[d, Lk]` matrix put them `Lk` values
+    // apart: at a power-of-two `Lk`, 64 or more rows 1 KiB or 4 KiB apart share a few of
+    // the L1 cache's sets and evict each other between the register blocks.
     let lk = s.lk;
     let mut kt_all = vec![0f32; s.batch * heads * d * lk];
     kt_all
         .par_chunks_mut(d * lk)
         .enumerate()
         .for_each(|(bh, kt)| {
-            transpose(kt, k.rows(bh / heads, bh % heads, 0), lk, d, k.layout.row);
+            let kg = k.rows(bh / heads, bh % heads, 0);
+            for j0 in (0..lk).step_by(BK) {
+                let bk = BK.min(lk - j0);
+                let rows = &kg[j0 * k.layout.row..];
+                transpose(&mut kt[j0 * d..(j0 + bk) * d], rows, bk, d, k.layout.row);
+            }
         });
     // One task per (batch item, query tile): its rows of `out` and `lse`, all heads.
     let mut jobs: Vec<(usize, usize, &mut [f32], &mut [f32])> = Vec::new();
@@ -474,7 +482,7 @@ pub fn forward(s: AttnShape, q: Operand, k: Operand, v: Operand) -> (Vec<f32>, V
                     scores(
                         sc,
                         (qg, q.layout.row),
-                        (&kt[j0..], lk),
+                        (&kt[j0 * d..(j0 + bk) * d], bk),
                         (bq, bk, d),
                         (i0, j0),
                         s.causal,

@@ -69,10 +69,16 @@ fn each_function_is_within_its_stated_error() {
         math::forward(op, &mut got, &xs);
         let mut worst = (0.0f64, 0.0f32);
         for (&x, &y) in xs.iter().zip(&got) {
-            assert_eq!(
+            // Bit for bit, except that a NaN is any NaN: the sign of a product with a
+            // NaN operand follows the operand order the optimiser picks (SiLU(NaN)
+            // read 0x7fc00000 on one path and 0xffc00000 on the other once the kernels
+            // were built at opt-level 3 in tests too).
+            let s = math::scalar(op, x);
+            assert!(
+                y.to_bits() == s.to_bits() || (y.is_nan() && s.is_nan()),
+                "{op:?}({x}): vector path {y} ({:#x}), scalar path {s} ({:#x})",
                 y.to_bits(),
-                math::scalar(op, x).to_bits(),
-                "{op:?}({x}): vector and scalar paths agree"
+                s.to_bits()
             );
             let want = reference(op, x as f64);
             if want.is_nan() {
