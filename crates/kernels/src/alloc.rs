@@ -41,13 +41,19 @@ fn raw_layout(size: usize) -> Layout {
     Layout::from_size_align(size + ALIGN, 16).expect("a large block's layout")
 }
 
+/// Bytes from a system block at `raw` to the large block placed in it: 16 to `ALIGN`
+/// (`raw` is 16-aligned), room for the header before the block.
+fn skip(raw: *mut u8) -> usize {
+    ALIGN - (raw as usize % ALIGN)
+}
+
 /// The first `ALIGN`-aligned address after `raw` (at least 8 bytes on, for the header
 /// that holds `raw`), written with `raw` just before it.
 ///
 /// # Safety
 /// `raw` starts a block of at least `raw_layout(size)` bytes.
 unsafe fn place(raw: *mut u8) -> *mut u8 {
-    let skip = ALIGN - (raw as usize % ALIGN);
+    let skip = skip(raw);
     // SAFETY: 8 <= skip <= ALIGN (raw is 16-aligned), inside the block's ALIGN spare
     // bytes; the header is 8-aligned because `at` is.
     unsafe {
@@ -127,7 +133,7 @@ unsafe impl GlobalAlloc for Aligned {
                     if fresh.is_null() {
                         return fresh;
                     }
-                    let skip = ALIGN - (fresh as usize % ALIGN);
+                    let skip = skip(fresh);
                     if skip != kept {
                         let n = layout.size().min(new_size);
                         std::ptr::copy(fresh.add(kept), fresh.add(skip), n);
