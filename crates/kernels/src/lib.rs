@@ -15,6 +15,7 @@
 //! when `B` is `Flex` or `Autodiff<Flex>` and burn's own operations on every other
 //! backend (CUDA keeps burn's kernels).
 
+mod act;
 pub mod alloc;
 pub mod conv;
 pub mod flash;

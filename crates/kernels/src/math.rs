@@ -1,6 +1,7 @@
 //! Element-wise math on f32 slices, written branch-free so the compiler vectorises it,
-//! compiled twice (baseline x86-64 and AVX2+FMA, picked at run time), and split across
-//! threads for large inputs.
+//! compiled for baseline x86-64, AVX2+FMA and AVX-512 (picked at run time), and split
+//! across threads for large inputs. On AVX2 and AVX-512, sigmoid, SiLU and GELU (the
+//! exact form) run the register kernels of `act.rs` instead, forward and backward.
 //!
 //! Accuracy against an f64 reference (checked in `tests/accuracy.rs`):
 //! - `exp`: relative error below 3e-7 where the result is a normal f32 (x ≥ -86.6);
@@ -399,7 +400,17 @@ fn forward_generic<M: MulAdd>(op: Unary, dst: &mut [Out], src: &[f32]) {
     each!(Exp => exp::<M>, Erf => erf::<M>, Tanh => tanh::<M>, Sigmoid => sigmoid::<M>,
           Silu => silu::<M>, Gelu => gelu::<M>, GeluTanh => gelu_tanh::<M>);
 }
-multiversion!(forward_generic, forward_at, (op: Unary, dst: &mut [Out], src: &[f32]));
+multiversion!(forward_generic, forward_auto_at, (op: Unary, dst: &mut [Out], src: &[f32]));
+
+/// `dst[i] = op(src[i])` at `level`: the register kernels of `act.rs` where they cover
+/// the function, the compiled scalar code elsewhere.
+fn forward_at(level: Level, op: Unary, dst: &mut [Out], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::act::covers(level, op) {
+        return crate::act::forward(level, op, dst, src);
+    }
+    forward_auto_at(level, op, dst, src)
+}
 
 #[inline(always)]
 fn backward_generic<M: MulAdd>(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
@@ -416,7 +427,16 @@ fn backward_generic<M: MulAdd>(op: Unary, dst: &mut [Out], x: &[f32], g: &[f32])
     }
     each!(Exp, Erf, Tanh, Sigmoid, Silu, Gelu, GeluTanh);
 }
-multiversion!(backward_generic, backward_at, (op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]));
+multiversion!(backward_generic, backward_auto_at, (op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]));
+
+/// `dst[i] = g[i] · op'(x[i])` at `level`, as [`forward_at`] picks.
+fn backward_at(level: Level, op: Unary, dst: &mut [Out], x: &[f32], g: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::act::covers(level, op) {
+        return crate::act::backward(level, op, dst, x, g);
+    }
+    backward_auto_at(level, op, dst, x, g)
+}
 
 /// `dst[i] = op(src[i])`.
 pub fn forward(op: Unary, dst: &mut [f32], src: &[f32]) {
@@ -516,6 +536,12 @@ pub fn backward_from_output_into(op: Unary, dst: &mut [Out], y: &[f32], g: &[f32
 
 /// The single value, for tests and scalar callers.
 pub fn scalar(op: Unary, x: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::act::covers(level(), op) {
+        let mut y = [0.0];
+        forward(op, &mut y, &[x]);
+        return y[0];
+    }
     if fused_here() {
         value::<Fused>(op, x)
     } else {
@@ -525,6 +551,12 @@ pub fn scalar(op: Unary, x: f32) -> f32 {
 
 /// The single derivative times g, for tests.
 pub fn scalar_grad(op: Unary, x: f32, g: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::act::covers(level(), op) {
+        let mut d = [0.0];
+        backward(op, &mut d, &[x], &[g]);
+        return d[0];
+    }
     if fused_here() {
         grad::<Fused>(op, x, g)
     } else {

@@ -1,6 +1,6 @@
 //! One vector register of f32 lanes, for kernels written once over AVX2's `__m256` and
 //! AVX-512's `__m512` (register-tiled products in `tile.rs`, the softmax exponentials
-//! in `flash.rs`).
+//! in `flash.rs`, sigmoid, SiLU and GELU in `act.rs`).
 //!
 //! Every method is `#[inline(always)]` and `unsafe`: a kernel calls them from inside a
 //! function compiled with `#[target_feature]` for the register's instruction set, on a
@@ -22,10 +22,25 @@ pub(crate) trait Reg: Copy {
     /// The lanes to `p` (unaligned).
     unsafe fn store(self, p: *mut f32);
     unsafe fn add(self, b: Self) -> Self;
+    unsafe fn sub(self, b: Self) -> Self;
+    unsafe fn mul(self, b: Self) -> Self;
     /// `self · b + c`, rounded once.
     unsafe fn mul_add(self, b: Self, c: Self) -> Self;
     /// The lane-wise maximum; `b`'s lane where either is NaN.
     unsafe fn max(self, b: Self) -> Self;
+    /// The lane-wise minimum; `b`'s lane where either is NaN.
+    unsafe fn min(self, b: Self) -> Self;
+    /// `|self|` per lane.
+    unsafe fn abs(self) -> Self;
+    /// `self` in the lanes where `x`'s sign bit is set (negative numbers, −0 and
+    /// negative NaNs), `b` elsewhere.
+    unsafe fn where_negative(self, x: Self, b: Self) -> Self;
+    /// 0 in the lanes where `t > limit`, `self` elsewhere (where `t` is NaN too).
+    unsafe fn zero_where_above(self, t: Self, limit: f32) -> Self;
+    /// `1 / self` from the hardware's estimate (12 bits on AVX2, 14 on AVX-512) and one
+    /// Newton step: relative error below 3e-7 for normal results; NaN stays NaN; +∞
+    /// gives NaN (the Newton step multiplies ∞ by 0), so callers keep inputs finite.
+    unsafe fn recip(self) -> Self;
     /// Whether a lane is NaN.
     unsafe fn has_nan(self) -> bool;
     /// The largest lane (of lanes that are not NaN).
@@ -98,6 +113,16 @@ impl Reg for __m256 {
         unsafe { _mm256_add_ps(self, b) }
     }
     #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        // SAFETY: as above.
+        unsafe { _mm256_sub_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        // SAFETY: as above.
+        unsafe { _mm256_mul_ps(self, b) }
+    }
+    #[inline(always)]
     unsafe fn mul_add(self, b: Self, c: Self) -> Self {
         // SAFETY: the caller enabled FMA with AVX2.
         unsafe { _mm256_fmadd_ps(self, b, c) }
@@ -106,6 +131,39 @@ impl Reg for __m256 {
     unsafe fn max(self, b: Self) -> Self {
         // SAFETY: the caller enabled AVX2.
         unsafe { _mm256_max_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn min(self, b: Self) -> Self {
+        // SAFETY: as above.
+        unsafe { _mm256_min_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn abs(self) -> Self {
+        // SAFETY: as above.
+        unsafe { _mm256_andnot_ps(_mm256_set1_ps(-0.0), self) }
+    }
+    #[inline(always)]
+    unsafe fn where_negative(self, x: Self, b: Self) -> Self {
+        // SAFETY: as above.
+        unsafe { _mm256_blendv_ps(b, self, x) }
+    }
+    #[inline(always)]
+    unsafe fn zero_where_above(self, t: Self, limit: f32) -> Self {
+        // SAFETY: as above.
+        unsafe {
+            // All ones where t ≤ limit or t is NaN (not-greater, true when unordered).
+            let keep = _mm256_cmp_ps::<_CMP_NGT_UQ>(t, _mm256_set1_ps(limit));
+            _mm256_and_ps(self, keep)
+        }
+    }
+    #[inline(always)]
+    unsafe fn recip(self) -> Self {
+        // SAFETY: as above.
+        unsafe {
+            let r = _mm256_rcp_ps(self);
+            // r + r (1 − d r): the estimate's relative error ε becomes ε².
+            _mm256_fmadd_ps(r, _mm256_fnmadd_ps(self, r, _mm256_set1_ps(1.0)), r)
+        }
     }
     #[inline(always)]
     unsafe fn has_nan(self) -> bool {
@@ -192,6 +250,16 @@ impl Reg for __m512 {
         unsafe { _mm512_add_ps(self, b) }
     }
     #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        // SAFETY: as above.
+        unsafe { _mm512_sub_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        // SAFETY: as above.
+        unsafe { _mm512_mul_ps(self, b) }
+    }
+    #[inline(always)]
     unsafe fn mul_add(self, b: Self, c: Self) -> Self {
         // SAFETY: as above.
         unsafe { _mm512_fmadd_ps(self, b, c) }
@@ -200,6 +268,39 @@ impl Reg for __m512 {
     unsafe fn max(self, b: Self) -> Self {
         // SAFETY: the caller enabled AVX-512.
         unsafe { _mm512_max_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn min(self, b: Self) -> Self {
+        // SAFETY: as above.
+        unsafe { _mm512_min_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn abs(self) -> Self {
+        // SAFETY: as above.
+        unsafe { _mm512_abs_ps(self) }
+    }
+    #[inline(always)]
+    unsafe fn where_negative(self, x: Self, b: Self) -> Self {
+        // SAFETY: as above (AVX-512 DQ for the sign-bit mask).
+        unsafe { _mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512(x)), b, self) }
+    }
+    #[inline(always)]
+    unsafe fn zero_where_above(self, t: Self, limit: f32) -> Self {
+        // SAFETY: as above.
+        unsafe {
+            // Set where t ≤ limit or t is NaN (not-greater, true when unordered).
+            let keep = _mm512_cmp_ps_mask::<_CMP_NGT_UQ>(t, _mm512_set1_ps(limit));
+            _mm512_maskz_mov_ps(keep, self)
+        }
+    }
+    #[inline(always)]
+    unsafe fn recip(self) -> Self {
+        // SAFETY: as above.
+        unsafe {
+            let r = _mm512_rcp14_ps(self);
+            // r + r (1 − d r): the estimate's relative error ε becomes ε².
+            _mm512_fmadd_ps(r, _mm512_fnmadd_ps(self, r, _mm512_set1_ps(1.0)), r)
+        }
     }
     #[inline(always)]
     unsafe fn has_nan(self) -> bool {
