@@ -71,7 +71,7 @@ pub enum Command {
     /// tanh, softmax, layer norm, linear layers, attention) at model shapes, forward and forward+backward; with `--torch FILE`
     /// (the output of `scripts/bench_ops_torch.py`) also the ratios against PyTorch.
     Ops {
-        /// Seconds per measurement at most.
+        /// Seconds per measurement (the median of the runs that fit, at least 5 runs).
         #[arg(long, default_value_t = 1.0)]
         seconds: f64,
         /// JSON lines from the PyTorch peer script, run on this machine.
