@@ -128,7 +128,48 @@ fn main() {
     if !matches!(cli.command, Command::Play(_) | Command::Bench(_)) {
         default_sigpipe();
     }
-    let result = match cli.command {
+    // Servers and their clients (`play`, `bench play`) and `collect`'s environment
+    // workers block threads for long spells, so they keep the main thread; the rest do
+    // their tensor work on a pool thread.
+    let on_pool = !matches!(
+        cli.command,
+        Command::Play(_)
+            | Command::Collect(_)
+            | Command::Bench(commands::bench::Command::Play { .. })
+    );
+    let result = if on_pool {
+        on_kernel_pool(move || run(cli.command))
+    } else {
+        run(cli.command)
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Stack of each of rayon's threads: a command runs on one (see [`on_kernel_pool`]),
+/// so it gets what the main thread has and more.
+const POOL_STACK: usize = 32 << 20;
+
+/// Runs `f` on a thread of rayon's global pool (the pool every kernel splits its work
+/// over), and waits for it.
+///
+/// A parallel operation started from a thread outside the pool hands its work to the
+/// pool and sleeps until a pool thread wakes it: on a 2-core machine about 10 µs per
+/// operation, a third of a softmax over [64, 1024]. Started from a pool thread, it does
+/// its own part at once and the other threads take theirs, as PyTorch's calling thread
+/// does with its OpenMP team: [64, 1024] softmax forward then took 14 µs instead of 20.
+fn on_kernel_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    // Fails only if the pool exists already (it does not: nothing ran before).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(POOL_STACK)
+        .build_global();
+    rayon::scope(|_| f())
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Quickstart(a) => commands::quickstart::run(a),
         Command::Collect(a) => commands::collect::run(a).map(|_| ()),
         Command::Pretrain(a) => commands::world::pretrain(a),
@@ -148,9 +189,5 @@ fn main() {
         Command::Envs(a) => commands::envs::run(a),
         Command::Assets(c) => commands::assets::run(c),
         Command::Bench(c) => commands::bench::run(c),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }

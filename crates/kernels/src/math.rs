@@ -750,6 +750,10 @@ fn softmax_masked_into(dst: &mut [Out], src: &[f32], n: usize, log: bool, lq: Op
     assert!(n > 0 && src.len().is_multiple_of(n));
     let level = level();
     let per_task = rows_per_task(n);
+    if per_task * n >= dst.len() {
+        // One task: here, without handing it to the pool.
+        return softmax_rows_at(level, dst, src, n, log, lq.map(|lq| (lq, 0)));
+    }
     dst.par_chunks_mut(per_task * n)
         .zip(src.par_chunks(per_task * n))
         .enumerate()
@@ -770,6 +774,9 @@ pub fn softmax_backward_into(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, lo
     assert!(n > 0 && y.len().is_multiple_of(n));
     let level = level();
     let rows = rows_per_task(n) * n;
+    if rows >= dst.len() {
+        return softmax_back_at(level, dst, y, g, n, log);
+    }
     dst.par_chunks_mut(rows)
         .zip(y.par_chunks(rows))
         .zip(g.par_chunks(rows))
@@ -783,17 +790,21 @@ pub fn softmax_backward_in_place(g: &mut [f32], y: &[f32], n: usize, log: bool) 
     assert!(n > 0 && y.len().is_multiple_of(n));
     let level = level();
     let rows = rows_per_task(n) * n;
+    let task = |g: &mut [f32], y: &[f32]| {
+        // Each row of g is read from a copy (the kernel takes its input and output
+        // apart): one row at a time, so the copy stays in the L1 cache.
+        let mut copy = vec![0f32; n];
+        for (g, y) in g.chunks_exact_mut(n).zip(y.chunks_exact(n)) {
+            copy.copy_from_slice(g);
+            softmax_back_at(level, as_out(g), y, &copy, n, log)
+        }
+    };
+    if rows >= g.len() {
+        return task(g, y);
+    }
     g.par_chunks_mut(rows)
         .zip(y.par_chunks(rows))
-        .for_each(|(g, y)| {
-            // Each row of g is read from a copy (the kernel takes its input and output
-            // apart): one row at a time, so the copy stays in the L1 cache.
-            let mut copy = vec![0f32; n];
-            for (g, y) in g.chunks_exact_mut(n).zip(y.chunks_exact(n)) {
-                copy.copy_from_slice(g);
-                softmax_back_at(level, as_out(g), y, &copy, n, log)
-            }
-        });
+        .for_each(|(g, y)| task(g, y));
 }
 
 /// Adaptive modulation of `[G, N, D]` tokens by per-group rows: `out[g, n, :] =

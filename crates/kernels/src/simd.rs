@@ -37,6 +37,8 @@ pub(crate) trait Reg: Copy {
     unsafe fn where_negative(self, x: Self, b: Self) -> Self;
     /// 0 in the lanes where `t > limit`, `self` elsewhere (where `t` is NaN too).
     unsafe fn zero_where_above(self, t: Self, limit: f32) -> Self;
+    /// 0 in the lanes where `t < limit`, `self` elsewhere (where `t` is NaN too).
+    unsafe fn zero_where_below(self, t: Self, limit: f32) -> Self;
     /// `1 / self` from the hardware's estimate (12 bits on AVX2, 14 on AVX-512) and one
     /// Newton step: relative error below 3e-7 for normal results; NaN stays NaN; +∞
     /// gives NaN (the Newton step multiplies ∞ by 0), so callers keep inputs finite.
@@ -153,6 +155,15 @@ impl Reg for __m256 {
         unsafe {
             // All ones where t ≤ limit or t is NaN (not-greater, true when unordered).
             let keep = _mm256_cmp_ps::<_CMP_NGT_UQ>(t, _mm256_set1_ps(limit));
+            _mm256_and_ps(self, keep)
+        }
+    }
+    #[inline(always)]
+    unsafe fn zero_where_below(self, t: Self, limit: f32) -> Self {
+        // SAFETY: as above.
+        unsafe {
+            // All ones where t ≥ limit or t is NaN (not-less, true when unordered).
+            let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(t, _mm256_set1_ps(limit));
             _mm256_and_ps(self, keep)
         }
     }
@@ -290,6 +301,15 @@ impl Reg for __m512 {
         unsafe {
             // Set where t ≤ limit or t is NaN (not-greater, true when unordered).
             let keep = _mm512_cmp_ps_mask::<_CMP_NGT_UQ>(t, _mm512_set1_ps(limit));
+            _mm512_maskz_mov_ps(keep, self)
+        }
+    }
+    #[inline(always)]
+    unsafe fn zero_where_below(self, t: Self, limit: f32) -> Self {
+        // SAFETY: as above.
+        unsafe {
+            // Set where t ≥ limit or t is NaN (not-less, true when unordered).
+            let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(t, _mm512_set1_ps(limit));
             _mm512_maskz_mov_ps(keep, self)
         }
     }
