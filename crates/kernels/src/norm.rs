@@ -2,7 +2,8 @@
 //! mean `μ` and `r = 1/sqrt(var + ε)` (the biased variance, as burn and PyTorch take it).
 //! One pass forward keeps `(μ, r)` per row; one pass backward:
 //! `dx = r · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))` with `x̂ = (x − μ) · r`, `ĝ = g ⊙ γ`, and
-//! `dγ = Σ_rows g ⊙ x̂`, `dβ = Σ_rows g`.
+//! `dγ = Σ_rows g ⊙ x̂`, `dβ = Σ_rows g`. On AVX2 and AVX-512 both are written on vector
+//! registers (module `reg`), about twice as fast as the compiled loops kept for other CPUs.
 
 use crate::math::{fill_new, fold_lanes, level, multiversion, Level, MulAdd, Out};
 use rayon::prelude::*;
@@ -67,7 +68,7 @@ fn forward_generic<M: MulAdd>(
         st[1] = r;
     }
 }
-multiversion!(forward_generic, forward_at, (y: &mut [Out], stats: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32));
+multiversion!(forward_generic, forward_compiled, (y: &mut [Out], stats: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32));
 
 /// The rows' `dx`, and their `dγ` and `dβ` added into `dgb` (`[dγ | dβ]`).
 #[allow(clippy::extra_unused_type_parameters)]
@@ -118,7 +119,240 @@ fn backward_generic<M: MulAdd>(
         }
     }
 }
-multiversion!(backward_generic, backward_at, (dx: &mut [Out], dgb: &mut [f32], x: &[f32], g: &[f32], stats: &[f32], gamma: &[f32]));
+multiversion!(backward_generic, backward_compiled, (dx: &mut [Out], dgb: &mut [f32], x: &[f32], g: &[f32], stats: &[f32], gamma: &[f32]));
+
+/// The same passes written on vector registers (`Reg`) for AVX2 and AVX-512. The
+/// compiled loops above kept their 16 lanes of sums in memory and went through them 8 at
+/// a time with scalar leftovers: on one Zen 4 thread over [2048, 192], forward 152 µs and
+/// backward 307 µs (about 48 cycles per 16 values) against 82 and 120 µs here.
+#[cfg(target_arch = "x86_64")]
+mod reg {
+    use crate::math::Out;
+    use crate::simd::Reg;
+    use std::arch::x86_64::{__m256, __m512};
+
+    /// `Σ f(j)` over the vectors starting at `j = 0, LANES, …` below `full`, in two
+    /// accumulators.
+    #[inline(always)]
+    unsafe fn sum_vectors<R: Reg>(full: usize, f: impl Fn(usize) -> R) -> f32 {
+        // SAFETY (this and every function below): the caller enabled `R`'s instructions
+        // and keeps every index inside its slices.
+        unsafe {
+            let (mut a, mut b) = (R::zero(), R::zero());
+            let mut j = 0;
+            while j + 2 * R::LANES <= full {
+                a = a.add(f(j));
+                b = b.add(f(j + R::LANES));
+                j += 2 * R::LANES;
+            }
+            if j < full {
+                a = a.add(f(j));
+            }
+            a.add(b).reduce_add()
+        }
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn forward<R: Reg>(
+        y: &mut [Out],
+        stats: &mut [f32],
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
+        let d = gamma.len();
+        let full = d - d % R::LANES;
+        let (gp, bp) = (gamma.as_ptr(), beta.as_ptr());
+        for ((yr, xr), st) in y
+            .chunks_exact_mut(d)
+            .zip(x.chunks_exact(d))
+            .zip(stats.chunks_exact_mut(2))
+        {
+            let (xp, yp) = (xr.as_ptr(), yr.as_mut_ptr() as *mut f32);
+            unsafe {
+                let total =
+                    sum_vectors::<R>(full, |j| R::load(xp.add(j))) + xr[full..].iter().sum::<f32>();
+                let mean = total / d as f32;
+                let m = R::splat(mean);
+                let dev = sum_vectors::<R>(full, |j| {
+                    let v = R::load(xp.add(j)).sub(m);
+                    v.mul(v)
+                }) + xr[full..]
+                    .iter()
+                    .map(|&v| (v - mean) * (v - mean))
+                    .sum::<f32>();
+                let r = 1.0 / (dev / d as f32 + eps).sqrt();
+                let rv = R::splat(r);
+                for j in (0..full).step_by(R::LANES) {
+                    let xh = R::load(xp.add(j)).sub(m).mul(rv);
+                    xh.mul_add(R::load(gp.add(j)), R::load(bp.add(j)))
+                        .store(yp.add(j));
+                }
+                for k in full..d {
+                    yr[k].write((xr[k] - mean) * r * gamma[k] + beta[k]);
+                }
+                st[0] = mean;
+                st[1] = r;
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn backward<R: Reg>(
+        dx: &mut [Out],
+        dgb: &mut [f32],
+        x: &[f32],
+        g: &[f32],
+        stats: &[f32],
+        gamma: &[f32],
+    ) {
+        let d = gamma.len();
+        let full = d - d % R::LANES;
+        let (dgamma, dbeta) = dgb.split_at_mut(d);
+        let (gmp, dgp, dbp) = (gamma.as_ptr(), dgamma.as_mut_ptr(), dbeta.as_mut_ptr());
+        for (((dr, xr), gr), st) in dx
+            .chunks_exact_mut(d)
+            .zip(x.chunks_exact(d))
+            .zip(g.chunks_exact(d))
+            .zip(stats.chunks_exact(2))
+        {
+            let (mean, r) = (st[0], st[1]);
+            let (xp, gp, dp) = (xr.as_ptr(), gr.as_ptr(), dr.as_mut_ptr() as *mut f32);
+            unsafe {
+                let (m, rv) = (R::splat(mean), R::splat(r));
+                let xhat = |j: usize| R::load(xp.add(j)).sub(m).mul(rv);
+                let ghat = |j: usize| R::load(gp.add(j)).mul(R::load(gmp.add(j)));
+                // Σ ĝ and Σ ĝ ⊙ x̂ in one pass.
+                let tail = |k: usize| ((xr[k] - mean) * r, gr[k] * gamma[k]);
+                let (mut a1, mut a2) = (R::zero(), R::zero());
+                for j in (0..full).step_by(R::LANES) {
+                    let gh = ghat(j);
+                    a1 = a1.add(gh);
+                    a2 = gh.mul_add(xhat(j), a2);
+                }
+                let (mut s1, mut s2) = (a1.reduce_add(), a2.reduce_add());
+                for k in full..d {
+                    let (xh, gh) = tail(k);
+                    s1 += gh;
+                    s2 += gh * xh;
+                }
+                let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+                let (m1v, neg_m2) = (R::splat(m1), R::splat(-m2));
+                for j in (0..full).step_by(R::LANES) {
+                    let xh = xhat(j);
+                    let gv = R::load(gp.add(j));
+                    // r (ĝ − m1 − x̂ m2)
+                    xh.mul_add(neg_m2, ghat(j).sub(m1v))
+                        .mul(rv)
+                        .store(dp.add(j));
+                    gv.mul_add(xh, R::load(dgp.add(j))).store(dgp.add(j));
+                    gv.add(R::load(dbp.add(j))).store(dbp.add(j));
+                }
+                for k in full..d {
+                    let (xh, gh) = tail(k);
+                    dr[k].write(r * (gh - m1 - xh * m2));
+                    dgamma[k] += gr[k] * xh;
+                    dbeta[k] += gr[k];
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn forward_avx2(
+        y: &mut [Out],
+        stats: &mut [f32],
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
+        // SAFETY: the caller found AVX2 and FMA.
+        unsafe { forward::<__m256>(y, stats, x, gamma, beta, eps) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    pub(super) unsafe fn forward_avx512(
+        y: &mut [Out],
+        stats: &mut [f32],
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
+        // SAFETY: the caller found AVX-512.
+        unsafe { forward::<__m512>(y, stats, x, gamma, beta, eps) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn backward_avx2(
+        dx: &mut [Out],
+        dgb: &mut [f32],
+        x: &[f32],
+        g: &[f32],
+        stats: &[f32],
+        gamma: &[f32],
+    ) {
+        // SAFETY: the caller found AVX2 and FMA.
+        unsafe { backward::<__m256>(dx, dgb, x, g, stats, gamma) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    pub(super) unsafe fn backward_avx512(
+        dx: &mut [Out],
+        dgb: &mut [f32],
+        x: &[f32],
+        g: &[f32],
+        stats: &[f32],
+        gamma: &[f32],
+    ) {
+        // SAFETY: the caller found AVX-512.
+        unsafe { backward::<__m512>(dx, dgb, x, g, stats, gamma) }
+    }
+}
+
+/// The forward of whole rows at `level`: the register version on AVX2 and AVX-512.
+fn forward_at(
+    level: Level,
+    y: &mut [Out],
+    stats: &mut [f32],
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        // SAFETY: `level()` found these instructions on this CPU.
+        Level::Avx512 => return unsafe { reg::forward_avx512(y, stats, x, gamma, beta, eps) },
+        // SAFETY: as above.
+        Level::Avx2 => return unsafe { reg::forward_avx2(y, stats, x, gamma, beta, eps) },
+        Level::Generic => {}
+    }
+    forward_compiled(level, y, stats, x, gamma, beta, eps)
+}
+
+/// The backward of whole rows at `level`: the register version on AVX2 and AVX-512.
+fn backward_at(
+    level: Level,
+    dx: &mut [Out],
+    dgb: &mut [f32],
+    x: &[f32],
+    g: &[f32],
+    stats: &[f32],
+    gamma: &[f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        // SAFETY: `level()` found these instructions on this CPU.
+        Level::Avx512 => return unsafe { reg::backward_avx512(dx, dgb, x, g, stats, gamma) },
+        // SAFETY: as above.
+        Level::Avx2 => return unsafe { reg::backward_avx2(dx, dgb, x, g, stats, gamma) },
+        Level::Generic => {}
+    }
+    backward_compiled(level, dx, dgb, x, g, stats, gamma)
+}
 
 /// `y` and per-row `(μ, r)` (`[rows, 2]`) of `x` (`rows × d` values, `d = gamma.len()`).
 pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
@@ -191,6 +425,77 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn register_passes_match_the_compiled_ones_at_every_level_this_cpu_runs() {
+        let levels: Vec<Level> = match level() {
+            Level::Avx512 => vec![Level::Avx2, Level::Avx512],
+            Level::Avx2 => vec![Level::Avx2],
+            Level::Generic => vec![],
+        };
+        // Widths below one vector, whole vectors, odd numbers of vectors, and leftovers.
+        for d in [7usize, 16, 24, 48, 192, 200] {
+            let rows = 9;
+            let x: Vec<f32> = (0..rows * d)
+                .map(|i| ((i * 7919 % 1013) as f32).sin() * 3.0 + 0.5)
+                .collect();
+            let g: Vec<f32> = (0..rows * d)
+                .map(|i| ((i * 104_729 % 997) as f32).cos())
+                .collect();
+            let gamma: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 / d as f32).collect();
+            let beta: Vec<f32> = (0..d).map(|i| 0.1 - i as f32 / 100.0).collect();
+            let run = |lv: Option<Level>| {
+                let mut y = vec![0f32; rows * d];
+                let mut st = vec![0f32; rows * 2];
+                let mut dx = vec![0f32; rows * d];
+                let mut dgb = vec![0f32; 2 * d];
+                let out = crate::math::as_out;
+                match lv {
+                    Some(lv) => {
+                        forward_at(lv, out(&mut y), &mut st, &x, &gamma, &beta, 1e-5);
+                        backward_at(lv, out(&mut dx), &mut dgb, &x, &g, &st, &gamma);
+                    }
+                    None => {
+                        forward_compiled(
+                            Level::Generic,
+                            out(&mut y),
+                            &mut st,
+                            &x,
+                            &gamma,
+                            &beta,
+                            1e-5,
+                        );
+                        backward_compiled(
+                            Level::Generic,
+                            out(&mut dx),
+                            &mut dgb,
+                            &x,
+                            &g,
+                            &st,
+                            &gamma,
+                        );
+                    }
+                }
+                (y, st, dx, dgb)
+            };
+            let want = run(None);
+            for &lv in &levels {
+                let got = run(Some(lv));
+                let close = |a: &[f32], b: &[f32], what: &str| {
+                    for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                        assert!(
+                            (p - q).abs() <= 2e-5 * (1.0 + q.abs()),
+                            "{lv:?}, width {d}: {what}[{i}] = {p}, compiled {q}"
+                        );
+                    }
+                };
+                close(&got.0, &want.0, "y");
+                close(&got.1, &want.1, "stats");
+                close(&got.2, &want.2, "dx");
+                close(&got.3, &want.3, "dγ|dβ");
+            }
+        }
+    }
 
     #[test]
     fn gradients_are_the_same_bits_on_every_run() {
