@@ -129,7 +129,6 @@ multiversion!(backward_generic, backward_compiled, (dx: &mut [Out], dgb: &mut [f
 mod reg {
     use crate::math::Out;
     use crate::simd::Reg;
-    use std::arch::x86_64::{__m256, __m512};
 
     /// `Σ f(j)` over the vectors starting at `j = 0, LANES, …` below `full`, in two
     /// accumulators.
@@ -258,101 +257,39 @@ mod reg {
             }
         }
     }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn forward_avx2(
-        y: &mut [Out],
-        stats: &mut [f32],
-        x: &[f32],
-        gamma: &[f32],
-        beta: &[f32],
-        eps: f32,
-    ) {
-        // SAFETY: the caller found AVX2 and FMA.
-        unsafe { forward::<__m256>(y, stats, x, gamma, beta, eps) }
-    }
-
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-    pub(super) unsafe fn forward_avx512(
-        y: &mut [Out],
-        stats: &mut [f32],
-        x: &[f32],
-        gamma: &[f32],
-        beta: &[f32],
-        eps: f32,
-    ) {
-        // SAFETY: the caller found AVX-512.
-        unsafe { forward::<__m512>(y, stats, x, gamma, beta, eps) }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn backward_avx2(
-        dx: &mut [Out],
-        dgb: &mut [f32],
-        x: &[f32],
-        g: &[f32],
-        stats: &[f32],
-        gamma: &[f32],
-    ) {
-        // SAFETY: the caller found AVX2 and FMA.
-        unsafe { backward::<__m256>(dx, dgb, x, g, stats, gamma) }
-    }
-
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-    pub(super) unsafe fn backward_avx512(
-        dx: &mut [Out],
-        dgb: &mut [f32],
-        x: &[f32],
-        g: &[f32],
-        stats: &[f32],
-        gamma: &[f32],
-    ) {
-        // SAFETY: the caller found AVX-512.
-        unsafe { backward::<__m512>(dx, dgb, x, g, stats, gamma) }
-    }
 }
 
-/// The forward of whole rows at `level`: the register version on AVX2 and AVX-512.
-fn forward_at(
-    level: Level,
-    y: &mut [Out],
-    stats: &mut [f32],
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f32,
-) {
-    #[cfg(target_arch = "x86_64")]
-    match level {
-        // SAFETY: `level()` found these instructions on this CPU.
-        Level::Avx512 => return unsafe { reg::forward_avx512(y, stats, x, gamma, beta, eps) },
-        // SAFETY: as above.
-        Level::Avx2 => return unsafe { reg::forward_avx2(y, stats, x, gamma, beta, eps) },
-        Level::Generic => {}
-    }
-    forward_compiled(level, y, stats, x, gamma, beta, eps)
+/// Defines `$dispatch(level, args)`: `reg::$f` on the vector registers of AVX2 or
+/// AVX-512, the compiled `$compiled` elsewhere.
+macro_rules! on_registers {
+    ($f:ident, $dispatch:ident, $compiled:ident, ($($arg:ident: $ty:ty),*)) => {
+        fn $dispatch(level: Level, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    // SAFETY: the caller found AVX2 and FMA.
+                    unsafe { reg::$f::<std::arch::x86_64::__m256>($($arg),*) }
+                }
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    // SAFETY: the caller found AVX-512.
+                    unsafe { reg::$f::<std::arch::x86_64::__m512>($($arg),*) }
+                }
+                match level {
+                    // SAFETY: `level()` found these instructions on this CPU.
+                    Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    Level::Generic => {}
+                }
+            }
+            $compiled(level, $($arg),*)
+        }
+    };
 }
-
-/// The backward of whole rows at `level`: the register version on AVX2 and AVX-512.
-fn backward_at(
-    level: Level,
-    dx: &mut [Out],
-    dgb: &mut [f32],
-    x: &[f32],
-    g: &[f32],
-    stats: &[f32],
-    gamma: &[f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    match level {
-        // SAFETY: `level()` found these instructions on this CPU.
-        Level::Avx512 => return unsafe { reg::backward_avx512(dx, dgb, x, g, stats, gamma) },
-        // SAFETY: as above.
-        Level::Avx2 => return unsafe { reg::backward_avx2(dx, dgb, x, g, stats, gamma) },
-        Level::Generic => {}
-    }
-    backward_compiled(level, dx, dgb, x, g, stats, gamma)
-}
+on_registers!(forward, forward_at, forward_compiled, (y: &mut [Out], stats: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32));
+on_registers!(backward, backward_at, backward_compiled, (dx: &mut [Out], dgb: &mut [f32], x: &[f32], g: &[f32], stats: &[f32], gamma: &[f32]));
 
 /// `y` and per-row `(μ, r)` (`[rows, 2]`) of `x` (`rows × d` values, `d = gamma.len()`).
 pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
