@@ -28,7 +28,7 @@
 #![cfg(target_arch = "x86_64")]
 
 use crate::math::{Level, Out, Unary};
-use crate::simd::Reg;
+use crate::simd::{poly, Reg};
 use std::arch::x86_64::{__m256, __m512};
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -157,19 +157,6 @@ const PHI_Q: [f32; 6] = [
     0.000_134_850_24,
     5.715_461_4e-7,
 ];
-
-/// `c[0] + c[1] s + c[2] s² + …` by Horner's rule.
-#[inline(always)]
-unsafe fn poly<R: Reg>(c: &[f32], s: R) -> R {
-    unsafe {
-        let (last, rest) = c.split_last().expect("a polynomial has a coefficient");
-        let mut acc = R::splat(*last);
-        for &k in rest.iter().rev() {
-            acc = acc.mul_add(s, R::splat(k));
-        }
-        acc
-    }
-}
 
 impl Lane for Gelu {
     /// `x Φ(x)` with the rational Φ: no exponential and one reciprocal, about 21

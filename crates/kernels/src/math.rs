@@ -310,17 +310,25 @@ fn value<M: MulAdd>(op: Unary, x: f32) -> f32 {
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 15;
 
+/// Runs `body(t, part)` over the parts of `per` elements of `dst` (`t` counting them):
+/// over the pool when there are several, here when there is one (handing a lone task to
+/// the pool costs a hand-over and gains nothing).
+fn in_tasks<T: Send>(dst: &mut [T], per: usize, body: impl Fn(usize, &mut [T]) + Sync) {
+    if per >= dst.len() {
+        return body(0, dst);
+    }
+    dst.par_chunks_mut(per)
+        .enumerate()
+        .for_each(|(t, d)| body(t, d));
+}
+
 /// Runs `body` over aligned chunks of `dst` and `src` (and `src2`), in parallel when the
 /// input is large.
 fn chunked<F>(dst: &mut [Out], src: &[f32], src2: Option<&[f32]>, body: F)
 where
     F: Fn(&mut [Out], &[f32], Option<&[f32]>) + Sync,
 {
-    if dst.len() <= CHUNK {
-        body(dst, src, src2);
-        return;
-    }
-    dst.par_chunks_mut(CHUNK).enumerate().for_each(|(i, d)| {
+    in_tasks(dst, CHUNK, |i, d| {
         let s = &src[i * CHUNK..i * CHUNK + d.len()];
         let s2 = src2.map(|s2| &s2[i * CHUNK..i * CHUNK + d.len()]);
         body(d, s, s2)
@@ -750,17 +758,12 @@ fn softmax_masked_into(dst: &mut [Out], src: &[f32], n: usize, log: bool, lq: Op
     assert!(n > 0 && src.len().is_multiple_of(n));
     let level = level();
     let per_task = rows_per_task(n);
-    if per_task * n >= dst.len() {
-        // One task: here, without handing it to the pool.
-        return softmax_rows_at(level, dst, src, n, log, lq.map(|lq| (lq, 0)));
-    }
-    dst.par_chunks_mut(per_task * n)
-        .zip(src.par_chunks(per_task * n))
-        .enumerate()
-        .for_each(|(t, (d, s))| {
-            let causal = lq.map(|lq| (lq, t * per_task));
-            softmax_rows_at(level, d, s, n, log, causal)
-        });
+    let per = per_task * n;
+    in_tasks(dst, per, |t, d| {
+        let s = &src[t * per..t * per + d.len()];
+        let causal = lq.map(|lq| (lq, t * per_task));
+        softmax_rows_at(level, d, s, n, log, causal)
+    });
 }
 
 /// The gradient of [`softmax`] given its output `y` and the output's gradient `g`.
@@ -773,14 +776,11 @@ pub fn softmax_backward_into(dst: &mut [Out], y: &[f32], g: &[f32], n: usize, lo
     assert!(dst.len() == y.len() && y.len() == g.len());
     assert!(n > 0 && y.len().is_multiple_of(n));
     let level = level();
-    let rows = rows_per_task(n) * n;
-    if rows >= dst.len() {
-        return softmax_back_at(level, dst, y, g, n, log);
-    }
-    dst.par_chunks_mut(rows)
-        .zip(y.par_chunks(rows))
-        .zip(g.par_chunks(rows))
-        .for_each(|((d, y), g)| softmax_back_at(level, d, y, g, n, log));
+    let per = rows_per_task(n) * n;
+    in_tasks(dst, per, |t, d| {
+        let part = t * per..t * per + d.len();
+        softmax_back_at(level, d, &y[part.clone()], &g[part], n, log)
+    });
 }
 
 /// [`softmax_backward`] written over the gradient `g` itself (see
@@ -789,8 +789,9 @@ pub fn softmax_backward_in_place(g: &mut [f32], y: &[f32], n: usize, log: bool) 
     assert!(y.len() == g.len());
     assert!(n > 0 && y.len().is_multiple_of(n));
     let level = level();
-    let rows = rows_per_task(n) * n;
-    let task = |g: &mut [f32], y: &[f32]| {
+    let per = rows_per_task(n) * n;
+    in_tasks(g, per, |t, g| {
+        let y = &y[t * per..t * per + g.len()];
         // Each row of g is read from a copy (the kernel takes its input and output
         // apart): one row at a time, so the copy stays in the L1 cache.
         let mut copy = vec![0f32; n];
@@ -798,13 +799,7 @@ pub fn softmax_backward_in_place(g: &mut [f32], y: &[f32], n: usize, log: bool) 
             copy.copy_from_slice(g);
             softmax_back_at(level, as_out(g), y, &copy, n, log)
         }
-    };
-    if rows >= g.len() {
-        return task(g, y);
-    }
-    g.par_chunks_mut(rows)
-        .zip(y.par_chunks(rows))
-        .for_each(|(g, y)| task(g, y));
+    });
 }
 
 /// Adaptive modulation of `[G, N, D]` tokens by per-group rows: `out[g, n, :] =

@@ -74,16 +74,17 @@ const EXP2: [f32; 7] = [
     0.000_154_035_3,
 ];
 
-/// [`EXP2`]'s polynomial at `f`.
+/// `c[0] + c[1] s + c[2] s² + …` by Horner's rule.
 #[inline(always)]
-unsafe fn exp2_poly<R: Reg>(f: R) -> R {
+pub(crate) unsafe fn poly<R: Reg>(c: &[f32], s: R) -> R {
     // SAFETY: the caller enabled `R`'s instructions.
     unsafe {
-        let mut p = R::splat(EXP2[6]);
-        for &c in EXP2[..6].iter().rev() {
-            p = p.mul_add(f, R::splat(c));
+        let (last, rest) = c.split_last().expect("a polynomial has a coefficient");
+        let mut acc = R::splat(*last);
+        for &k in rest.iter().rev() {
+            acc = acc.mul_add(s, R::splat(k));
         }
-        p
+        acc
     }
 }
 
@@ -223,7 +224,7 @@ impl Reg for __m256 {
             let t = _mm256_max_ps(_mm256_set1_ps(-127.0), self);
             let t = _mm256_min_ps(_mm256_set1_ps(128.0), t);
             let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-            let p = exp2_poly(_mm256_sub_ps(t, n));
+            let p = poly(&EXP2, _mm256_sub_ps(t, n));
             // 2^n from its exponent bits: n + 127 in 0..=255 (255: +∞).
             let bits = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
             let pow = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits));
@@ -351,7 +352,7 @@ impl Reg for __m512 {
             // max(lo, t): t when t is NaN (the second operand wins), so NaN carries on.
             let t = _mm512_max_ps(_mm512_set1_ps(-127.0), self);
             let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-            let p = exp2_poly(_mm512_sub_ps(t, n));
+            let p = poly(&EXP2, _mm512_sub_ps(t, n));
             _mm512_maskz_scalef_ps(normal, p, n)
         }
     }
